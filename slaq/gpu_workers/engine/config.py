@@ -1,0 +1,124 @@
+"""Typed, validated configuration values shared by the engine, the workers and the simulator.
+
+IO-free: no torch imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_STOP_STRINGS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request sampling. ``temperature == 0`` means greedy.
+
+    ``seed`` makes sampling reproducible per request whatever else shares its batch.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # number of top logprobs to return per token; None = off
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError("max_tokens must be an integer >= 1")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError("temperature must be in [0, 2]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences")
+        if any(not s for s in self.stop):
+            raise ValueError("stop sequences must be non-empty strings")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("logprobs must be in [0, 20]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k, "seed": self.seed, "stop": list(self.stop),
+            "stop_token_ids": list(self.stop_token_ids), "ignore_eos": self.ignore_eos,
+            "repetition_penalty": self.repetition_penalty, "logprobs": self.logprobs,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplingParams:
+        d = dict(d)
+        d["stop"] = tuple(d.get("stop") or ())
+        d["stop_token_ids"] = tuple(d.get("stop_token_ids") or ())
+        return cls(**d)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Limits of one engine step."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Paged KV cache shape. ``num_blocks=None`` lets the runner size the pool from memory."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    # Fraction of free device memory (GPU) the pool may take when num_blocks is None.
+    memory_fraction: float = 0.8
+    # CPU: bytes the pool may take when num_blocks is None.
+    cpu_pool_bytes: int = 512 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError("num_blocks must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything needed to build an :class:`~slaq.gpu_workers.engine.llm_engine.LLMEngine`."""
+
+    model: str  # path to an HF-style directory (config.json, tokenizer, safetensors)
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    # Name of a POSIX shared-memory file for the KV pool on CPU, so that a decode worker
+    # on the same host can map it (shm transport). None = private memory.
+    kv_shm_name: str | None = None
+    use_cuda_graphs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unsupported dtype {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")

@@ -1,0 +1,77 @@
+"""Typed boundary objects between engine steps. IO-free.
+
+``Scheduler.schedule() -> SchedulerOutput``; ``ModelRunner.execute(out) -> RunnerOutput``;
+``Scheduler.update(out, runner_output)``; ``LLMEngine.step() -> list[RequestOutput]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from slaq.gpu_workers.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """One sequence's share of a step: tokens ``[start, start + num_new_tokens)`` are computed.
+
+    The KV slots for those tokens are already allocated in ``seq.block_table``. A logit is
+    sampled only when ``start + num_new_tokens == seq.num_tokens`` (``sample`` is True): the
+    last chunk of a prefill, or a decode step.
+    """
+
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+
+    @property
+    def sample(self) -> bool:
+        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.start < self.seq.num_prompt_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What runs in one step. Prefill chunks and decodes may be mixed (chunked prefill)."""
+
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for s in self.scheduled if not s.is_prefill)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """Sampled token per request id, for each scheduled sequence whose ``sample`` was True."""
+
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    # Optional top logprobs per request id: list of (token_id, logprob), chosen token first.
+    logprobs: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What a step produced for one request: new tokens and text since the last output."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    logprobs: list[list[tuple[int, float]]] | None = None

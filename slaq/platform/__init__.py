@@ -1,0 +1,1 @@
+"""Domain core: settings, tiers, ledger, pressure and policy. No Flask or Celery imports here."""

@@ -1,0 +1,69 @@
+"""Shared fixtures: real PostgreSQL and Redis from SLAQ_DATABASE_URL / SLAQ_REDIS_URL.
+
+Each test session gets its own fresh, migrated database and its own Redis db number, so
+sessions running side by side (helpers, CI) do not see each other's rows or keys.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _server_url() -> str:
+    return os.environ.get("SLAQ_TEST_DATABASE_URL") or os.environ.get(
+        "SLAQ_DATABASE_URL", DEFAULT_DATABASE_URL
+    )
+
+
+def _with_database(url: str, name: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A fresh database on the configured server, migrated to head, dropped afterwards."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    server = make_url(_server_url())
+    name = f"slaq_test_{uuid.uuid4().hex[:10]}"
+    admin = server.set(drivername="postgresql", database=server.database or "postgres")
+    conninfo = admin.render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = _with_database(server.render_as_string(hide_password=False), name)
+    from slaq.platform.db import migrate
+
+    migrate(url)
+    yield url
+    from slaq.platform.db import dispose_engines
+
+    dispose_engines()
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis db number of its own (1..15), flushed before and after the session."""
+    import redis
+
+    base = os.environ.get("SLAQ_TEST_REDIS_URL") or os.environ.get(
+        "SLAQ_REDIS_URL", DEFAULT_REDIS_URL
+    )
+    db = 1 + (os.getpid() + uuid.uuid4().int) % 15
+    url = base.rsplit("/", 1)[0] + f"/{db}" if base.count("/") > 2 else base + f"/{db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
