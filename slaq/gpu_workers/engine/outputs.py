@@ -23,14 +23,14 @@ class ScheduledSequence:
     seq: Sequence
     start: int
     num_new_tokens: int
+    # Fixed at scheduling time: after ``Scheduler.update`` appends a token, the live sequence
+    # length no longer tells whether this chunk was the sampling one.
+    sample: bool = field(init=False)
+    is_prefill: bool = field(init=False)
 
-    @property
-    def sample(self) -> bool:
-        return self.start + self.num_new_tokens == self.seq.num_tokens
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.start < self.seq.num_prompt_tokens
+    def __post_init__(self) -> None:
+        self.sample = self.start + self.num_new_tokens == self.seq.num_tokens
+        self.is_prefill = self.start < self.seq.num_prompt_tokens
 
 
 @dataclass(slots=True)

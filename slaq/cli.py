@@ -1,0 +1,129 @@
+"""The ``slaq`` command: ``up | api | worker | beat | migrate | model | bench | sim | status``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from slaq.platform.settings import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@click.group()
+@click.version_option(package_name="slaq")
+def main() -> None:
+    """slaq: SLA-tiered LLM inference on Celery queues, scheduled by KV-cache pressure."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--prefill-workers", default=1, show_default=True, type=int)
+@click.option("--decode-workers", default=1, show_default=True, type=int)
+@click.option("--aggregated", is_flag=True, help="One 'both' worker instead of prefill+decode.")
+@click.option("--device", default="cpu", show_default=True)
+def up(host: str, port: int, prefill_workers: int, decode_workers: int, aggregated: bool,
+       device: str) -> None:
+    """Start services (embedded or configured), migrate, and run API + workers until Ctrl-C."""
+    from slaq.launcher import Launcher, LaunchPlan
+
+    plan = LaunchPlan(host=host, port=port, num_prefill_workers=prefill_workers,
+                      num_decode_workers=decode_workers, aggregated=aggregated, device=device)
+    sys.exit(Launcher(_settings(), plan).run())
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--threads", default=64, show_default=True, type=int)
+def api(host: str, port: int, threads: int) -> None:
+    """Serve the OpenAI-compatible API with gunicorn (gthread)."""
+    from slaq.platform.services import ensure_services
+    from slaq.web.wsgi import serve
+
+    settings = _settings()
+    services = ensure_services(settings)
+    serve(host=host, port=port, settings=settings, services=services, threads=threads)
+
+
+@main.command()
+@click.option("--role", type=click.Choice(["prefill", "decode", "both"]), required=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--name", default=None, help="Worker name (default: <role>-<host>-<pid>).")
+@click.option("--concurrency", default=64, show_default=True, type=int)
+@click.option("--engine", "engine_kind", type=click.Choice(["torch", "sim"]), default="torch",
+              show_default=True)
+def worker(role: str, device: str, name: str | None, concurrency: int, engine_kind: str) -> None:
+    """Run a Celery worker bound to one device, holding one engine."""
+    from slaq.gpu_workers.worker import run_worker
+
+    run_worker(role=role, device=device, name=name, concurrency=concurrency,
+               engine_kind=engine_kind, settings=_settings())
+
+
+@main.command()
+def beat() -> None:
+    """Run Celery beat (the reprioritiser's clock). Run exactly one."""
+    from slaq.tasks.beat import run_beat
+
+    run_beat(_settings())
+
+
+@main.command()
+def migrate() -> None:
+    """Apply database migrations (Alembic upgrade head)."""
+    from slaq.platform.db import migrate as do_migrate
+    from slaq.platform.services import ensure_services
+
+    services = ensure_services(_settings())
+    do_migrate(services.database_url)
+    click.echo("database at head")
+
+
+@main.group()
+def model() -> None:
+    """Model store: pull and list models."""
+
+
+@model.command("pull")
+@click.argument("name", required=False)
+def model_pull(name: str | None) -> None:
+    """Download and convert a model (default: SLAQ_MODEL or SmolLM2-135M-Instruct)."""
+    from slaq.gpu_workers.model_store import pull
+
+    settings = _settings()
+    path = pull(name or settings.model, settings.models_dir, progress=True)
+    click.echo(str(path))
+
+
+@main.command()
+def status() -> None:
+    """Show live workers (heartbeats) and request counts by state."""
+    from slaq.status import collect_status
+
+    click.echo(json.dumps(collect_status(_settings()), indent=2, default=str))
+
+
+def _attach_optional_groups() -> None:
+    # bench and sim live in their own packages; attach them so `slaq bench …` / `slaq sim …` work.
+    from slaq.bench.cli import bench
+    from slaq.sim.cli import sim
+
+    main.add_command(bench)
+    main.add_command(sim)
+
+
+_attach_optional_groups()
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,459 @@
+"""Continuous-batching scheduler with chunked prefill and preemption by recompute. IO-free.
+
+One step (:meth:`Scheduler.schedule`) fills a token budget (``max_num_batched_tokens``) and a
+seat budget (``max_num_seqs``) in this order:
+
+1. decodes of running sequences, most important first (``(rank, arrival_time)``); when the
+   pool has no slot for a decode, the least important, most recently arrived running
+   sequence is preempted (possibly the one asking);
+2. the next chunks of running sequences whose prefill is not done (chunked prefill);
+3. waiting sequences in ``(rank, arrival_time)`` order, each given blocks for all its tokens
+   and a first chunk of what is left of the budget. Admission stops at the first waiting
+   sequence that does not fit (no skipping, so big prompts are not starved); a waiting
+   sequence may preempt running ones of a strictly less important rank to get in
+   (``preempt_for_priority``).
+
+Preempted sequences keep their tokens, lose their KV and go back to the front of their rank
+in the waiting queue; they are recomputed as one prefill over prompt + generated tokens.
+
+:meth:`Scheduler.update` applies a step's results: advances ``num_computed_tokens``,
+registers newly full blocks in the prefix cache, appends sampled tokens, finishes sequences
+(``"stop"``: EOS or a stop token id; ``"length"``: ``max_tokens`` or ``max_model_len``) and
+frees their blocks. A ``prefill_only`` sequence finishes after its first token with reason
+:data:`PREFILL_DONE` and keeps its blocks (the lease) until :meth:`Scheduler.free_leased`;
+if that first token already ends it (EOS, ``max_tokens == 1``) it finishes as usual instead.
+
+Per step the work is O(batch); nothing rescans all tokens. Deterministic: no clocks, no
+randomness, ties broken by the order of :meth:`Scheduler.add`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Collection
+
+from slaq.gpu_workers.engine.block_manager import BlockManager
+from slaq.gpu_workers.engine.config import SchedulerConfig
+from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from slaq.gpu_workers.engine.sequence import Sequence, SequenceStatus
+
+PREFILL_DONE = "prefill_done"  # finish reason of a prefill_only sequence that holds a lease
+
+
+class NoRoomError(RuntimeError):
+    """No seat or KV blocks for a prefilled sequence now (see :meth:`Scheduler.add_prefilled`)."""
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the leases of one engine. Not thread-safe."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        preempt_for_priority: bool = True,
+    ) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.preempt_for_priority = preempt_for_priority
+        self._waiting: dict[int, deque[Sequence]] = {}  # by rank, each in arrival order
+        self._ranks: list[int] = []  # sorted keys of _waiting
+        self._num_waiting = 0
+        self._running: list[Sequence] = []  # sorted by _key: most important first
+        self._leased: dict[str, Sequence] = {}
+        self._seqs: dict[str, Sequence] = {}  # waiting + running + leased, by request id
+        self._order: dict[str, int] = {}  # add() order, the final tie-breaker
+        self._next_order = 0
+        self._finished_in_schedule: list[Sequence] = []
+        self.num_preemptions = 0
+        self.last_batch_size = 0
+        self.max_batch_size_seen = 0
+
+    # ------------------------------------------------------------------ stats
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    @property
+    def num_leased(self) -> int:
+        return len(self._leased)
+
+    @property
+    def num_leased_blocks(self) -> int:
+        """Blocks held by leases (finished prefill_only sequences awaiting their pull)."""
+        return sum(len(s.block_table) for s in self._leased.values())
+
+    def has_unfinished(self) -> bool:
+        """True while any sequence waits or runs (leases do not count)."""
+        return bool(self._running) or self._num_waiting > 0
+
+    def get(self, request_id: str) -> Sequence | None:
+        """The waiting, running or leased sequence with this id."""
+        return self._seqs.get(request_id)
+
+    @property
+    def running(self) -> tuple[Sequence, ...]:
+        """Running sequences, most important first (a snapshot)."""
+        return tuple(self._running)
+
+    # ------------------------------------------------------------- requests
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence. Raises ValueError for one that could never run."""
+        cfg, bm = self.config, self.block_manager
+        if seq.request_id in self._seqs:
+            raise ValueError(f"request {seq.request_id!r} is already scheduled")
+        if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
+            raise ValueError("only a fresh waiting sequence can be added")
+        if seq.num_prompt_tokens >= cfg.max_model_len:
+            raise ValueError(
+                f"prompt of {seq.num_prompt_tokens} tokens leaves no room under "
+                f"max_model_len={cfg.max_model_len}"
+            )
+        if bm.num_blocks_for(seq.num_prompt_tokens) > bm.num_blocks:
+            raise ValueError(
+                f"prompt of {seq.num_prompt_tokens} tokens needs more KV blocks than the "
+                f"pool has ({bm.num_blocks} x {bm.block_size})"
+            )
+        if not cfg.enable_chunked_prefill and seq.num_prompt_tokens > cfg.max_num_batched_tokens:
+            raise ValueError("prompt exceeds max_num_batched_tokens and chunked prefill is off")
+        self._register(seq)
+        self._push_waiting(seq, front=False)
+
+    def add_prefilled(self, seq: Sequence, num_cached_tokens: int = 0) -> list[int]:
+        """Run a sequence whose KV for all but its last token arrives by transfer.
+
+        ``seq`` carries the prompt and at least the first sampled token in
+        ``output_token_ids``. It gets fresh blocks for all its tokens, counts every token but
+        the last as computed, and runs (its next step is a decode of the last token).
+        ``num_cached_tokens`` is what the prefill side reported as cache hits (for usage).
+        Returns the block ids that must receive the transferred KV of tokens
+        ``[0, num_tokens - 1)``, in order, before the next :meth:`schedule`.
+        Raises ValueError for a sequence with nothing left to generate and
+        :class:`NoRoomError` when :meth:`can_add_prefilled` is False.
+        """
+        if seq.request_id in self._seqs:
+            raise ValueError(f"request {seq.request_id!r} is already scheduled")
+        if seq.num_output_tokens < 1 or seq.block_table:
+            raise ValueError("a prefilled sequence carries its first token and no blocks")
+        if (
+            seq.num_output_tokens >= seq.params.max_tokens
+            or seq.num_tokens >= self.config.max_model_len
+        ):
+            raise ValueError(f"request {seq.request_id!r} has nothing left to generate")
+        if not self.can_add_prefilled(seq):
+            raise NoRoomError(f"no seat or KV blocks for {seq.request_id!r}")
+        self._register(seq)
+        blocks = self.block_manager.allocate_prefilled(seq, seq.num_tokens - 1)
+        seq.num_cached_tokens = num_cached_tokens
+        seq.status = SequenceStatus.RUNNING
+        self._insert_running(seq)
+        return blocks
+
+    def can_add_prefilled(self, seq: Sequence) -> bool:
+        """Whether :meth:`add_prefilled` has a seat and blocks for ``seq`` now."""
+        bm = self.block_manager
+        return (
+            len(self._running) < self.config.max_num_seqs
+            and bm.num_blocks_for(seq.num_tokens) <= bm.num_free_blocks
+        )
+
+    def finish(self, request_id: str, reason: str) -> Sequence | None:
+        """End a sequence wherever it is (waiting, running or leased) and free its blocks.
+
+        The detokenizer calls this with ``"stop"`` when a stop string appears. Returns the
+        sequence, or None when the id is unknown (already finished).
+        """
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        if request_id in self._leased:
+            del self._leased[request_id]
+        elif seq.status is SequenceStatus.RUNNING:
+            self._running.remove(seq)
+        else:
+            self._waiting[seq.rank].remove(seq)
+            self._num_waiting -= 1
+        seq.finish(reason)
+        self._forget(seq)
+        return seq
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Cancel a request: ``finish(request_id, "abort")``."""
+        return self.finish(request_id, "abort")
+
+    def leased(self, request_id: str) -> Sequence | None:
+        """A finished prefill_only sequence whose blocks are still held."""
+        return self._leased.get(request_id)
+
+    def free_leased(self, request_id: str) -> Sequence | None:
+        """Release a lease: free the blocks of a finished prefill_only sequence."""
+        seq = self._leased.pop(request_id, None)
+        if seq is not None:
+            self._forget(seq)
+        return seq
+
+    # ------------------------------------------------------------------ step
+
+    def schedule(self) -> SchedulerOutput:
+        """Choose this step's work; allocates the KV slots it needs."""
+        out = SchedulerOutput()
+        budget = self._schedule_decodes(out, self.config.max_num_batched_tokens)
+        budget = self._schedule_chunks(out, budget)
+        self._schedule_waiting(out, budget)
+        self.last_batch_size = len(out.scheduled)
+        self.max_batch_size_seen = max(self.max_batch_size_seen, self.last_batch_size)
+        return out
+
+    def update(
+        self,
+        out: SchedulerOutput,
+        runner_output: RunnerOutput,
+        eos_token_id: int | Collection[int] | None,
+    ) -> list[Sequence]:
+        """Apply a step's results; return the sequences that finished.
+
+        Call it after every :meth:`schedule`, even an empty one: sequences the scheduler had
+        to end itself (no KV room ever, reason ``"length"``) are returned here too.
+        """
+        bm = self.block_manager
+        finished, self._finished_in_schedule = self._finished_in_schedule, []
+        if isinstance(eos_token_id, int):
+            eos_ids: Collection[int] = (eos_token_id,)
+        else:
+            eos_ids = eos_token_id or ()
+        for item in out.scheduled:
+            seq = item.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # finished or aborted between schedule() and update()
+            assert seq.num_computed_tokens == item.start, f"{seq.request_id}: stale schedule"
+            sample = item.sample
+            seq.num_computed_tokens += item.num_new_tokens
+            bm.commit_full_blocks(seq)
+            if not sample:
+                continue
+            token_id = runner_output.sampled_token_ids[seq.request_id]
+            seq.append_token(token_id)
+            reason = self._stop_reason(seq, token_id, eos_ids)
+            if reason is None and seq.prefill_only:
+                reason = PREFILL_DONE
+            if reason is not None:
+                seq.finish(reason)
+                finished.append(seq)
+                if reason == PREFILL_DONE:
+                    self._leased[seq.request_id] = seq
+                else:
+                    self._forget(seq)
+        if finished:
+            self._running = [s for s in self._running if s.status is SequenceStatus.RUNNING]
+        return finished
+
+    def check_integrity(self) -> None:
+        """Assert queue bookkeeping and the block manager agree (tests, debugging)."""
+        self.block_manager.check_integrity()
+        waiting = [s for r in self._ranks for s in self._waiting[r]]
+        assert len(waiting) == self._num_waiting
+        assert all(s.status is SequenceStatus.WAITING and not s.block_table for s in waiting)
+        assert all(s.status is SequenceStatus.RUNNING and s.block_table for s in self._running)
+        assert all(s.finish_reason == PREFILL_DONE for s in self._leased.values())
+        keys = [self._key(s) for s in self._running]
+        assert keys == sorted(keys), "running queue out of order"
+        assert len(self._running) <= self.config.max_num_seqs
+        ids = {s.request_id for s in waiting} | {s.request_id for s in self._running}
+        assert ids | set(self._leased) == set(self._seqs), "sequence index out of sync"
+
+    # -------------------------------------------------------------- phases
+
+    def _schedule_decodes(self, out: SchedulerOutput, budget: int) -> int:
+        bm = self.block_manager
+        i = 0
+        while i < len(self._running) and budget > 0:
+            seq = self._running[i]
+            if seq.num_uncomputed_tokens != 1:
+                i += 1
+                continue
+            if self._never_fits(seq.num_computed_tokens + 1):
+                # Outgrew the whole pool: preempting it would only requeue it forever.
+                del self._running[i]
+                seq.finish("length")
+                self._forget(seq)
+                self._finished_in_schedule.append(seq)
+                continue
+            while not bm.can_append(seq, 1):
+                victim = self._running[-1]  # never one scheduled already: those come first
+                self._preempt(victim, out)
+                if victim is seq:
+                    return budget
+            bm.append_slots(seq, 1)
+            out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, 1))
+            budget -= 1
+            i += 1
+        return budget
+
+    def _schedule_chunks(self, out: SchedulerOutput, budget: int) -> int:
+        bm = self.block_manager
+        for seq in self._running:
+            if budget <= 0:
+                break
+            left = seq.num_uncomputed_tokens
+            if left <= 1:
+                continue  # a decode-sized remainder was handled (or skipped) as a decode
+            num_new = self._chunk_size(left, budget)
+            if num_new == 0:
+                continue
+            assert bm.can_append(seq, num_new), "prefill blocks are allocated at admission"
+            bm.append_slots(seq, num_new)
+            out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, num_new))
+            budget -= num_new
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        bm = self.block_manager
+        while self._num_waiting and budget > 0:
+            seq = self._peek_waiting()
+            refund = self._make_room(seq, out)
+            if refund is None:
+                if self._never_fits(seq.num_tokens):  # safety net: would block the queue
+                    self._pop_waiting(seq)
+                    seq.finish("length")
+                    self._forget(seq)
+                    self._finished_in_schedule.append(seq)
+                    continue
+                break
+            budget += refund
+            if not self.config.enable_chunked_prefill:
+                left = seq.num_tokens - bm.lookup_prefix(seq)
+                if self._chunk_size(left, budget) == 0:
+                    break
+            self._pop_waiting(seq)
+            bm.allocate(seq)
+            num_new = self._chunk_size(seq.num_uncomputed_tokens, budget)
+            assert num_new > 0
+            bm.append_slots(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            self._insert_running(seq)
+            out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, num_new))
+            budget -= num_new
+        return budget
+
+    # ------------------------------------------------------------- helpers
+
+    def _fits(self, seq: Sequence) -> bool:
+        return len(self._running) < self.config.max_num_seqs and self.block_manager.can_allocate(
+            seq
+        )
+
+    def _make_room(self, seq: Sequence, out: SchedulerOutput) -> int | None:
+        """Make ``seq`` admissible, preempting strictly less important ranks if allowed.
+
+        Returns None when it cannot be admitted now, else the budget tokens given back by
+        victims that had been scheduled earlier in this step.
+        """
+        bm = self.block_manager
+        if self._fits(seq):
+            return 0
+        if not self.preempt_for_priority:
+            return None
+        # Preempt only when the eligible victims can actually make the room; count the blocks
+        # only they hold (a shared block stays in use when one of its holders goes).
+        need_seat = len(self._running) >= self.config.max_num_seqs
+        short = max(0, bm.num_blocks_to_allocate(seq) - bm.num_free_blocks)
+        freeable, num_victims = 0, 0
+        for victim in reversed(self._running):
+            if victim.rank <= seq.rank or (freeable >= short and num_victims >= need_seat):
+                break
+            freeable += bm.num_exclusive_blocks(victim)
+            num_victims += 1
+        if num_victims < need_seat or freeable < short or num_victims == 0:
+            return None
+        refund = 0
+        while not self._fits(seq):
+            if not self._running or self._running[-1].rank <= seq.rank:
+                return None  # estimate was off (shared prefix); victims are requeued anyway
+            victim = self._running[-1]
+            for j, item in enumerate(out.scheduled):
+                if item.seq is victim:
+                    refund += item.num_new_tokens
+                    del out.scheduled[j]
+                    break
+            self._preempt(victim, out)
+        return refund
+
+    def _chunk_size(self, left: int, budget: int) -> int:
+        if self.config.enable_chunked_prefill:
+            return min(left, budget)
+        if left <= budget:
+            return left
+        # Without chunking a prefill runs whole, except one longer than any step could hold
+        # (a recompute that grew past the budget): chunking it is the only way forward.
+        return budget if left > self.config.max_num_batched_tokens else 0
+
+    def _stop_reason(self, seq: Sequence, token_id: int, eos_ids: Collection[int]) -> str | None:
+        params = seq.params
+        if not params.ignore_eos and token_id in eos_ids:
+            return "stop"
+        if token_id in params.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens:
+            return "length"
+        if seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def _never_fits(self, num_tokens: int) -> bool:
+        bm = self.block_manager
+        return bm.num_blocks_for(num_tokens) > bm.num_blocks
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self._running.remove(seq)
+        self.block_manager.free(seq)
+        seq.reset_for_recompute()
+        self._push_waiting(seq, front=True)
+        out.preempted_ids.append(seq.request_id)
+        self.num_preemptions += 1
+
+    def _key(self, seq: Sequence) -> tuple[int, float, int]:
+        return (seq.rank, seq.arrival_time, self._order[seq.request_id])
+
+    def _register(self, seq: Sequence) -> None:
+        self._seqs[seq.request_id] = seq
+        self._order[seq.request_id] = self._next_order
+        self._next_order += 1
+
+    def _forget(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        self._seqs.pop(seq.request_id, None)
+        self._order.pop(seq.request_id, None)
+
+    def _insert_running(self, seq: Sequence) -> None:
+        bisect.insort(self._running, seq, key=self._key)
+
+    def _push_waiting(self, seq: Sequence, front: bool) -> None:
+        queue = self._waiting.get(seq.rank)
+        if queue is None:
+            queue = self._waiting[seq.rank] = deque()
+            bisect.insort(self._ranks, seq.rank)
+        if front:
+            queue.appendleft(seq)
+        elif not queue or self._key(queue[-1]) <= self._key(seq):
+            queue.append(seq)
+        else:  # arrived out of order: keep the rank's queue sorted by arrival
+            queue.insert(bisect.bisect_right(queue, self._key(seq), key=self._key), seq)
+        self._num_waiting += 1
+
+    def _peek_waiting(self) -> Sequence:
+        for rank in self._ranks:
+            if self._waiting[rank]:
+                return self._waiting[rank][0]
+        raise AssertionError("no waiting sequence")
+
+    def _pop_waiting(self, seq: Sequence) -> None:
+        popped = self._waiting[seq.rank].popleft()
+        assert popped is seq
+        self._num_waiting -= 1

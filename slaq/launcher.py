@@ -1,0 +1,195 @@
+"""``slaq up``: services, migrations, model, dev tenant, then API + workers as child processes.
+
+Children run in their own sessions so that Ctrl-C reaches only this process, which then stops
+them in order (API first so no new work arrives, workers next, services last).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+from rich.console import Console
+
+from slaq.platform.settings import Settings
+
+READY_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    num_prefill_workers: int = 1
+    num_decode_workers: int = 1
+    aggregated: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.num_prefill_workers < 1 or self.num_decode_workers < 1:
+            raise ValueError("need at least one prefill and one decode worker")
+
+
+@dataclass(slots=True)
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    log_file: object | None = field(default=None, repr=False)
+
+
+class Launcher:
+    """Runs the whole stack in the foreground until interrupted."""
+
+    def __init__(self, settings: Settings, plan: LaunchPlan) -> None:
+        self.settings = settings
+        self.plan = plan
+        self.console = Console()
+        self.children: list[Child] = []
+        self._stopping = False
+
+    # -- set-up -------------------------------------------------------------------------
+    def _prepare(self):
+        from slaq.gpu_workers.model_store import pull
+        from slaq.platform.db import migrate, session_factory
+        from slaq.platform.services import ensure_services
+        from slaq.platform.tenants import dev_api_key
+
+        self.console.print(f"[bold]slaq[/] data dir: {self.settings.data_dir}")
+        services = ensure_services(self.settings)
+        self.console.print(f"PostgreSQL: {services.database_url_display}")
+        self.console.print(f"Redis:      {services.redis_url}")
+        migrate(services.database_url)
+        model_path = pull(self.settings.model, self.settings.models_dir, progress=True)
+        with session_factory(services.database_url)() as session:
+            key = dev_api_key(session, self.settings.data_dir)
+        return services, model_path, key
+
+    def _child_env(self, services, model_path: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            SLAQ_DATABASE_URL=services.database_url,
+            SLAQ_REDIS_URL=services.redis_url,
+            SLAQ_BROKER_URL=services.broker_url,
+            SLAQ_MODEL=str(model_path),
+            SLAQ_DATA_DIR=str(self.settings.data_dir),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def _plan_children(self) -> list[Child]:
+        logs = self.settings.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        slaq = [sys.executable, "-m", "slaq.cli"]
+        p = self.plan
+        children = [Child("api", [*slaq, "api", "--host", p.host, "--port", str(p.port)],
+                          logs / "api.log")]
+        if p.aggregated:
+            roles = [("both", i) for i in range(p.num_prefill_workers)]
+        else:
+            roles = [("prefill", i) for i in range(p.num_prefill_workers)]
+            roles += [("decode", i) for i in range(p.num_decode_workers)]
+        for role, i in roles:
+            name = f"{role}-{i}"
+            children.append(Child(name, [*slaq, "worker", "--role", role, "--device", p.device,
+                                         "--name", name], logs / f"{name}.log"))
+        if importlib.util.find_spec("slaq.tasks.beat") is not None:
+            children.append(Child("beat", [*slaq, "beat"], logs / "beat.log"))
+        return children
+
+    def _spawn(self, env: dict[str, str]) -> None:
+        for child in self.children:
+            child.log_file = open(child.log_path, "ab")  # noqa: SIM115 - closed in _stop_children
+            child.proc = subprocess.Popen(child.argv, env=env, stdout=child.log_file,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+            self.console.print(f"started {child.name:<10} pid {child.proc.pid}  log {child.log_path}")
+
+    # -- readiness ----------------------------------------------------------------------
+    def _dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.proc and c.proc.poll() is not None), None)
+
+    def _wait_ready(self, services) -> bool:
+        from slaq.platform.keys import heartbeat_key
+
+        url = f"http://{self.plan.host}:{self.plan.port}/healthz"
+        r = redis.Redis.from_url(services.redis_url)
+        workers = [c.name for c in self.children if c.name not in ("api", "beat")]
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        with self.console.status("waiting for the API and the workers' first heartbeats…"):
+            while time.monotonic() < deadline and not self._stopping:
+                dead = self._dead_child()
+                if dead is not None:
+                    self._report_death(dead)
+                    return False
+                try:
+                    api_ok = httpx.get(url, timeout=2.0).status_code == 200
+                except httpx.HTTPError:
+                    api_ok = False
+                if api_ok and all(r.exists(heartbeat_key(w)) for w in workers):
+                    return True
+                time.sleep(0.5)
+        return False
+
+    def _report_death(self, child: Child) -> None:
+        self.console.print(f"[red]{child.name} exited with {child.proc.returncode}[/]; "
+                           f"last lines of {child.log_path}:")
+        tail = child.log_path.read_text(errors="replace").splitlines()[-30:]
+        self.console.print("\n".join(tail), markup=False, highlight=False)
+
+    # -- run / stop ---------------------------------------------------------------------
+    def _on_signal(self, signum, _frame) -> None:
+        self._stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        services, model_path, key = self._prepare()
+        self.children = self._plan_children()
+        try:
+            self._spawn(self._child_env(services, model_path))
+            if not self._wait_ready(services):
+                return 0 if self._stopping else 1
+            self._print_ready(key)
+            while not self._stopping:
+                dead = self._dead_child()
+                if dead is not None:
+                    self._report_death(dead)
+                    return 1
+                time.sleep(0.5)
+            return 0
+        finally:
+            self._stop_children()
+            services.stop()
+            self.console.print("stopped.")
+
+    def _print_ready(self, key: str) -> None:
+        base = f"http://{self.plan.host}:{self.plan.port}"
+        self.console.print(f"\n[bold green]slaq is up[/] at {base}/v1")
+        self.console.print(f"dev API key: [bold]{key}[/]")
+        body = ('{"model": "' + Path(self.settings.model).name + '", "service_tier": "priority", '
+                '"messages": [{"role": "user", "content": "What is the capital of France?"}]}')
+        self.console.print(
+            f"curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+            f"-H 'Content-Type: application/json' -d '{body}'", markup=False, highlight=False)
+        self.console.print("Ctrl-C stops everything.\n")
+
+    def _stop_children(self) -> None:
+        for child in self.children:  # API first, then workers, then beat
+            if child.proc and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+                try:
+                    child.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait()
+            if child.log_file is not None:
+                child.log_file.close()
