@@ -85,7 +85,10 @@ def migrate() -> None:
     from slaq.platform.services import ensure_services
 
     services = ensure_services(_settings())
-    do_migrate(services.database_url)
+    try:
+        do_migrate(services.database_url)
+    finally:
+        services.stop()
     click.echo("database at head")
 
 
@@ -113,7 +116,7 @@ def status() -> None:
     click.echo(json.dumps(collect_status(_settings()), indent=2, default=str))
 
 
-def _attach_optional_groups() -> None:
+def _attach_groups() -> None:
     # bench and sim live in their own packages; attach them so `slaq bench …` / `slaq sim …` work.
     from slaq.bench.cli import bench
     from slaq.sim.cli import sim
@@ -122,7 +125,7 @@ def _attach_optional_groups() -> None:
     main.add_command(sim)
 
 
-_attach_optional_groups()
+_attach_groups()
 
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -53,21 +53,56 @@ def database_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _pid_alive(pid: str | None) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _take_redis_db(registry, db: int, owner: str) -> bool:
+    key = f"slaq-test-db:{db}"
+    if registry.set(key, owner, nx=True, ex=3 * 3600):
+        return True
+    # A session that was killed leaves its claim behind: take over when its pid is gone.
+    if not _pid_alive(registry.get(key)):
+        registry.set(key, owner, ex=3 * 3600)
+        return True
+    return False
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """A Redis db number of its own (1..15), flushed before and after the session."""
+    """A Redis db number of its own (1..15), flushed before and after the session.
+
+    Sessions running side by side each take a db by ``SET owner NX``, so they never share one.
+    """
+    import random
+
     import redis
 
     base = os.environ.get("SLAQ_TEST_REDIS_URL") or os.environ.get(
         "SLAQ_REDIS_URL", DEFAULT_REDIS_URL
     )
-    db = 1 + (os.getpid() + uuid.uuid4().int) % 15
-    url = base.rsplit("/", 1)[0] + f"/{db}" if base.count("/") > 2 else base + f"/{db}"
-    client = redis.Redis.from_url(url)
+    root = base.rsplit("/", 1)[0] if base.count("/") > 2 else base
+    owner = str(os.getpid())
+    # Ownership lives in db 0, so a test that flushes its own db cannot release it.
+    registry = redis.Redis.from_url(f"{root}/0", decode_responses=True)
+    dbs = list(range(1, 16))
+    random.shuffle(dbs)
+    db = next((d for d in dbs if _take_redis_db(registry, d, owner)), None)
+    if db is None:
+        pytest.fail("all Redis test dbs 1..15 are taken by other test sessions")
+    client = redis.Redis.from_url(f"{root}/{db}")
     client.flushdb()
-    yield url
+    yield f"{root}/{db}"
     client.flushdb()
     client.close()
+    registry.delete(f"slaq-test-db:{db}")
+    registry.close()
 
 
 def _models_cache_dir() -> Path:

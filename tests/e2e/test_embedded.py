@@ -5,6 +5,10 @@ A second `slaq up` on the same data dir must reuse the data: same dev key, old r
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import openai
 import pytest
 from sqlalchemy import func, select
@@ -40,8 +44,10 @@ def _count_rows(data_dir) -> int:
         services.stop()
 
 
-def test_embedded_services_and_restart_reuses_data(tmp_path):
-    data_dir = tmp_path / "data"
+def test_embedded_services_and_restart_reuses_data():
+    # Not pytest's tmp_path: as root, pgserver runs PostgreSQL as another user, which cannot
+    # enter /tmp/pytest-of-root (mode 0700).
+    data_dir = Path(tempfile.mkdtemp(prefix="slaq-embedded-")) / "data"
     first = start_stack(UNSET, data_dir)
     try:
         r1 = _ask(first)
@@ -57,3 +63,4 @@ def test_embedded_services_and_restart_reuses_data(tmp_path):
     finally:
         assert second.stop() == 0, second.log_path.read_text()[-3000:]
     assert _count_rows(data_dir) == 2
+    shutil.rmtree(data_dir.parent, ignore_errors=True)
