@@ -44,7 +44,7 @@ def up(host: str, port: int, prefill_workers: int, decode_workers: int, aggregat
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--threads", default=64, show_default=True, type=int)
+@click.option("--threads", default=128, show_default=True, type=int)
 def api(host: str, port: int, threads: int) -> None:
     """Serve the OpenAI-compatible API with gunicorn (gthread)."""
     from slaq.platform.services import ensure_services

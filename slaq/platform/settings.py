@@ -57,12 +57,16 @@ class Settings:
     # Celery's Redis visibility timeout: must exceed the longest generation.
     visibility_timeout_s: int = 7200
     reprioritise_interval_s: float = 1.0
+    # One context limit for the API's admission check and every worker's engine.
+    max_model_len: int = 2048
 
     def __post_init__(self) -> None:
         if self.lease_ttl_s <= 0:
             raise ValueError("lease_ttl_s must be > 0")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_ttl_s must exceed heartbeat_interval_s > 0")
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -80,6 +84,7 @@ class Settings:
             heartbeat_ttl_s=_env_float("SLAQ_HEARTBEAT_TTL_S", 3.0),
             visibility_timeout_s=_env_int("SLAQ_VISIBILITY_TIMEOUT_S", 7200),
             reprioritise_interval_s=_env_float("SLAQ_REPRIORITISE_INTERVAL_S", 1.0),
+            max_model_len=_env_int("SLAQ_MAX_MODEL_LEN", 2048),
         )
 
     @property

@@ -1,0 +1,119 @@
+"""Admission under the reprioritiser's published state: downgrade, refuse (429), accept."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import redis
+
+from slaq.platform.decisions import AdmissionState, publish_state
+from slaq.platform.keys import admission_key
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def publish(redis_url):
+    r = redis.Redis.from_url(redis_url)
+
+    def publish(*states: AdmissionState) -> None:
+        publish_state(r, gates={}, routing={}, admission={s.tier: s for s in states})
+
+    yield publish
+    r.delete(admission_key())
+
+
+@pytest.fixture(scope="module")
+def client(live_api, api_keys, scripted_worker, web) -> openai.OpenAI:
+    return web.client(live_api, api_keys.full)
+
+
+def test_downgrade_shows_in_service_tier_and_ledger(client, publish, tiny_model_path, web):
+    publish(AdmissionState("default", "downgrade", 9000.0, downgrade_to="flex"))
+    resp = client.chat.completions.create(model=tiny_model_path.name, messages=QUESTION,
+                                          max_tokens=2, service_tier="default")
+    assert resp.service_tier == "flex"
+    row = web.row(resp.id)
+    assert (row.tier_asked, row.tier_used) == ("default", "flex")
+    assert row.ttft_target_ms == 30000  # the targets of the tier actually used
+    # Other tiers are untouched.
+    resp = client.chat.completions.create(model=tiny_model_path.name, messages=QUESTION,
+                                          max_tokens=2, service_tier="priority")
+    assert resp.service_tier == "priority"
+
+
+def test_refused_flex_is_429_with_retry_headers_and_no_row(live_api, api_keys, publish,
+                                                           tiny_model_path, web):
+    publish(AdmissionState("flex", "refuse", 45000.0, retry_after_s=7))
+    before = web.count_rows()
+    resp = httpx.post(live_api.base_url + "/v1/chat/completions", timeout=30,
+                      headers={"Authorization": f"Bearer {api_keys.full}"},
+                      json={"model": tiny_model_path.name, "messages": QUESTION,
+                            "service_tier": "flex"})
+    assert resp.status_code == 429
+    error = resp.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "resource_unavailable")
+    assert resp.headers["retry-after"] == "7" and resp.headers["retry-after-ms"] == "7000"
+    assert web.count_rows() == before
+
+
+def test_refuse_is_ignored_for_tiers_that_may_not_be_refused(client, publish,
+                                                             tiny_model_path):
+    publish(AdmissionState("priority", "refuse", 45000.0))
+    resp = client.chat.completions.create(model=tiny_model_path.name, messages=QUESTION,
+                                          max_tokens=2, service_tier="priority")
+    assert resp.service_tier == "priority"
+
+
+def test_no_published_state_accepts(client, tiny_model_path):
+    resp = client.chat.completions.create(model=tiny_model_path.name, messages=QUESTION,
+                                          max_tokens=2, service_tier="flex")
+    assert resp.service_tier == "flex"
+
+
+def test_model_not_pulled_is_503_and_listed_by_name(web_config, api_keys, tmp_path, web):
+    from slaq.web import create_app
+
+    config = {**web_config, "MODEL": "SmolLM2-135M-Instruct", "MODELS_DIR": str(tmp_path)}
+    server = web.start_server(create_app(config))
+    headers = {"Authorization": f"Bearer {api_keys.full}"}
+    before = web.count_rows()
+    try:
+        listed = httpx.get(server.base_url + "/v1/models", headers=headers, timeout=10)
+        resp = httpx.post(server.base_url + "/v1/chat/completions", headers=headers,
+                          timeout=30, json={"model": "SmolLM2-135M-Instruct",
+                                            "messages": QUESTION})
+    finally:
+        server.stop()
+    assert [m["id"] for m in listed.json()["data"]] == ["SmolLM2-135M-Instruct"]
+    assert resp.status_code == 503
+    assert resp.json()["error"]["code"] == "model_unavailable"
+    assert web.count_rows() == before
+
+
+def test_queue_down_fails_the_row_and_answers_503(web_config, api_keys, tiny_model_path, web):
+    from sqlalchemy import select
+
+    from slaq.platform.db import session_factory
+    from slaq.platform.models import RequestRow
+    from slaq.web import create_app
+
+    def broken_sender(request_id: str, attempt: int, tier: str) -> None:
+        raise ConnectionError("broker unreachable")
+
+    server = web.start_server(create_app({**web_config, "TICKET_SENDER": broken_sender}))
+    try:
+        resp = httpx.post(server.base_url + "/v1/chat/completions", timeout=30,
+                          headers={"Authorization": f"Bearer {api_keys.full}",
+                                   "x-request-id": "queue-down-1"},
+                          json={"model": tiny_model_path.name, "messages": QUESTION})
+    finally:
+        server.stop()
+    assert resp.status_code == 503
+    assert resp.headers["x-should-retry"] == "true" and resp.headers["retry-after"] == "1"
+    assert resp.json()["error"]["type"] == "server_error"
+    with session_factory(web.database_url)() as s:
+        row = s.scalars(select(RequestRow).where(
+            RequestRow.client_request_id == "queue-down-1")).one()
+        assert row.state == "failed" and "broker unreachable" in row.error
