@@ -12,7 +12,6 @@ own context length), ``TIERS_FILE``, ``STREAM_IDLE_TIMEOUT_S`` (default: the tie
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
