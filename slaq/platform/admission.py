@@ -26,7 +26,7 @@ from slaq.gpu_workers.engine.config import SamplingParams
 from slaq.platform.tiers import TierTable
 
 if TYPE_CHECKING:
-    from slaq.platform.decisions import AdmissionState
+    from slaq.platform.decisions import AdmissionVerdict
 
 log = logging.getLogger(__name__)
 
@@ -205,26 +205,22 @@ class AdmissionService:
     model: ServedModel
     tiers: TierTable
     send_ticket: TicketSender
-    # tier -> the reprioritiser's admission state for it (slaq.platform.decisions.AdmissionCache)
-    load_state: Callable[[str], AdmissionState] | None = None
+    # (tier, prompt tokens) -> the reprioritiser's verdict (slaq.platform.decisions.AdmissionCache.admit)
+    admit: Callable[[str, int], AdmissionVerdict] | None = None
     clock: Callable[[], float] = field(default=time.time)
 
-    def apply_load_state(self, tier: str) -> str:
+    def apply_load_state(self, tier: str, num_prompt_tokens: int) -> str:
         """The tier to use under the reprioritiser's latest decision: the asked one, its
-        downgrade, or a 429 when a refusable tier's predicted TTFT misses its target."""
-        if self.load_state is None:
+        downgrade, or a 429 when a refusable tier's token budget for this cycle is spent."""
+        if self.admit is None:
             return tier
-        state = self.load_state(tier)
-        if state.mode == "downgrade" and state.downgrade_to:
-            return state.downgrade_to
-        if state.mode == "refuse" and self.tiers[tier].refusable:
-            predicted = (f" (predicted time to first token {state.predicted_ttft_ms:.0f} ms)"
-                         if state.predicted_ttft_ms is not None else "")
+        verdict = self.admit(tier, num_prompt_tokens)
+        if verdict.refused and self.tiers[tier].refusable:
             raise AdmissionError(
-                429, f"Resource Unavailable: the '{tier}' tier is overloaded{predicted}; "
+                429, f"Resource Unavailable: the '{tier}' tier is overloaded ({verdict.reason}); "
                      "retry later.", type="rate_limit_error", code="resource_unavailable",
-                retry_after_s=float(state.retry_after_s))
-        return tier
+                retry_after_s=float(verdict.retry_after_s))
+        return verdict.tier
 
     def prompt_ids(self, req: GenerationRequest) -> list[int]:
         """Token ids of the prompt; refuses out-of-vocabulary ids and empty prompts."""
@@ -283,11 +279,12 @@ class AdmissionService:
         tier = self.resolve_tier(req, tenant)
         ids = self.prompt_ids(req)
         max_tokens = self.max_tokens(req, len(ids))
-        tier_asked, tier = tier, self.apply_load_state(tier)
         try:
             params = req.sampling_params(max_tokens)
         except ValueError as exc:  # the web layer checks ranges; this is the last guard
             raise AdmissionError(400, str(exc), code="invalid_value") from exc
+        # Last, so that a request refused for bad input takes nothing from the tier's budget.
+        tier_asked, tier = tier, self.apply_load_state(tier, len(ids))
         admitted = self._record(req, tenant, tier_asked, tier, ids, params, client_request_id,
                                 received)
         try:

@@ -106,11 +106,11 @@ def _build_context(config: Mapping[str, Any]) -> WebContext:
     sender = config.get("TICKET_SENDER") or _celery_sender(config, tiers)
     client = redis.Redis.from_url(config["REDIS_URL"], socket_connect_timeout=5,
                                   health_check_interval=30)
-    load_state = AdmissionCache(client, ttl_s=float(config.get("ADMISSION_TTL_S", 0.5))).get
+    admit = AdmissionCache(client, ttl_s=float(config.get("ADMISSION_TTL_S", 0.5))).admit
     timeout = config.get("STREAM_IDLE_TIMEOUT_S")
     return WebContext(
         session_factory=sessions, redis=client, model=model, tiers=tiers,
-        admission=AdmissionService(sessions, model, tiers, sender, load_state),
+        admission=AdmissionService(sessions, model, tiers, sender, admit),
         stream_idle_timeout_s=float(timeout) if timeout is not None else None)
 
 

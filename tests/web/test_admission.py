@@ -1,4 +1,8 @@
-"""Admission under the reprioritiser's published state: downgrade, refuse (429), accept."""
+"""Admission under the reprioritiser's published state: downgrade, refuse (429), accept.
+
+A published state limits a tier through a per-cycle prompt-token budget; budget 0 means the
+very next request of that tier is over it.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ def client(live_api, api_keys, scripted_worker, web) -> openai.OpenAI:
 
 
 def test_downgrade_shows_in_service_tier_and_ledger(client, publish, tiny_model_path, web):
-    publish(AdmissionState("default", "downgrade", 9000.0, downgrade_to="flex"))
+    publish(AdmissionState("default", "downgrade", budget_tokens=0, downgrade_to="flex"))
     resp = client.chat.completions.create(model=tiny_model_path.name, messages=QUESTION,
                                           max_tokens=2, service_tier="default")
     assert resp.service_tier == "flex"
@@ -45,7 +49,7 @@ def test_downgrade_shows_in_service_tier_and_ledger(client, publish, tiny_model_
 
 def test_refused_flex_is_429_with_retry_headers_and_no_row(live_api, api_keys, publish,
                                                            tiny_model_path, web):
-    publish(AdmissionState("flex", "refuse", 45000.0, retry_after_s=7))
+    publish(AdmissionState("flex", "refuse", budget_tokens=0, retry_after_s=7))
     before = web.count_rows()
     resp = httpx.post(live_api.base_url + "/v1/chat/completions", timeout=30,
                       headers={"Authorization": f"Bearer {api_keys.full}"},
@@ -60,7 +64,7 @@ def test_refused_flex_is_429_with_retry_headers_and_no_row(live_api, api_keys, p
 
 def test_refuse_is_ignored_for_tiers_that_may_not_be_refused(client, publish,
                                                              tiny_model_path):
-    publish(AdmissionState("priority", "refuse", 45000.0))
+    publish(AdmissionState("priority", "refuse", budget_tokens=0))
     resp = client.chat.completions.create(model=tiny_model_path.name, messages=QUESTION,
                                           max_tokens=2, service_tier="priority")
     assert resp.service_tier == "priority"

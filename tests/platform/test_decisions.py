@@ -1,0 +1,220 @@
+"""Decisions: one scheduling_decisions row per action; published state and its readers.
+
+Real PostgreSQL (a database of this module's own, so rows of other tests never mix in) and a
+real Redis db of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from types import MappingProxyType
+
+import psycopg
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
+
+from slaq.platform.db import dispose_engines, migrate, session_factory
+from slaq.platform.decisions import (
+    AdmissionCache,
+    AdmissionState,
+    AdmissionVerdict,
+    budget_key,
+    choose_decode_worker,
+    publish_state,
+    read_admission,
+    read_gates,
+    read_routing,
+    read_tickets,
+    record_decisions,
+    remember_tickets,
+)
+from slaq.platform.models import SchedulingDecision
+from slaq.platform.pressure import Heartbeat
+from slaq.platform.snapshot import Plan, Reticket, SetAdmission, SetGate, SetRouting
+from slaq.platform.tiers import TIER_NAMES
+
+
+@pytest.fixture(scope="module")
+def db_url(database_url: str) -> Iterator[str]:
+    """A migrated database of this module's own (the session's has other tests' rows)."""
+    server = make_url(database_url)
+    name = f"slaq_test_{uuid.uuid4().hex[:10]}"
+    admin = server.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = server.set(database=name).render_as_string(hide_password=False)
+    migrate(url)
+    yield url
+    dispose_engines()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture()
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """Another db number than the session's, flushed before and after."""
+    base, _, db = redis_url.rpartition("/")
+    client = redis.Redis.from_url(f"{base}/{1 + (int(db or 0) + 7) % 15}")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def all_kinds() -> list:
+    return [
+        SetGate("prefill", "flex", False, "pressure high", {"pressure": 0.91}),
+        Reticket("req-1", 2, "priority", 0, "slack small", "age", {"slack_s": 0.4}),
+        Reticket("req-2", 3, "default", 3, "lost ticket", "orphan", {"tier": "default"}),
+        SetRouting(MappingProxyType({"d1": 0.75, "d2": 0.25}), "weights", {"d1": 0.1}),
+        SetAdmission("default", "downgrade", math.inf, "too slow", budget_tokens=0,
+                     downgrade_to="flex", retry_after_s=120),
+        Plan(2, 3, 4, "arrivals", {"prompt_tok_s": 10.0}),
+    ]
+
+
+def test_one_decision_row_per_action(db_url: str) -> None:
+    factory = session_factory(db_url)
+    with factory() as s:
+        s.execute(text("TRUNCATE scheduling_decisions"))
+        s.commit()
+    actions = all_kinds()
+    at = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
+    with factory() as s:
+        n = record_decisions(s, actions, at, {1: {"applied": True}, 2: {"applied": False}})
+        s.commit()
+    assert n == len(actions)
+    with factory() as s:
+        rows = s.scalars(select(SchedulingDecision).order_by(SchedulingDecision.id)).all()
+    assert [(r.kind, r.target) for r in rows] == [
+        ("gate", "prefill:flex"), ("age", "req-1"), ("orphan", "req-2"), ("routing", "decode"),
+        ("admission", "default"), ("plan", "cluster")]
+    assert all(r.at == at for r in rows)
+    assert [r.reason for r in rows] == [a.reason for a in actions]
+    gate, age, orphan, routing, admission, plan = (r.inputs for r in rows)
+    assert gate == {"pressure": 0.91, "role": "prefill", "tier": "flex", "open": False}
+    assert age["attempt"] == 2 and age["queue_tier"] == "priority" and age["applied"] is True
+    assert orphan["applied"] is False and orphan["tier"] == "default"
+    assert routing["weights"] == {"d1": 0.75, "d2": 0.25}
+    # JSONB has no Infinity: an unbounded prediction is stored as null.
+    assert admission["predicted_ttft_ms"] is None and admission["downgrade_to"] == "flex"
+    assert admission["budget_tokens"] == 0
+    assert plan["num_decode"] == 3 and plan["prompt_tok_s"] == 10.0
+
+
+def test_record_needs_aware_time(db_url: str) -> None:
+    with session_factory(db_url)() as s, pytest.raises(ValueError):
+        record_decisions(s, all_kinds(), datetime(2026, 1, 1))
+
+
+def test_readers_default_to_no_decision(r: redis.Redis) -> None:
+    assert read_gates(r) == {}
+    assert read_routing(r) == {}
+    assert read_admission(r) == {t: AdmissionState(t) for t in TIER_NAMES}
+    assert all(a.mode == "accept" for a in read_admission(r).values())
+
+
+def test_publish_replaces_the_whole_state(r: redis.Redis) -> None:
+    down = AdmissionState("default", "downgrade", 100, 4500.0, "flex", 2, 100.0)
+    publish_state(r, gates={("prefill", "flex"): False, ("prefill", "default"): True},
+                  routing={"d1": 0.6, "d2": 0.4}, admission={"default": down})
+    assert read_gates(r) == {("prefill", "flex"): False, ("prefill", "default"): True}
+    assert read_routing(r) == {"d1": 0.6, "d2": 0.4}
+    adm = read_admission(r)
+    assert adm["default"] == down
+    assert adm["priority"].mode == "accept"
+    # The next cycle's state replaces it entirely (a worker that left keeps no weight).
+    publish_state(r, gates={("prefill", "flex"): True}, routing={"d2": 1.0}, admission={})
+    assert read_gates(r) == {("prefill", "flex"): True}
+    assert read_routing(r) == {"d2": 1.0}
+    assert read_admission(r)["default"].mode == "accept"
+
+
+def test_admission_state_validates() -> None:
+    with pytest.raises(ValueError):
+        AdmissionState("default", "maybe")
+    with pytest.raises(ValueError):
+        AdmissionState("default", "downgrade", downgrade_to=None)
+    with pytest.raises(ValueError):
+        AdmissionState("flex", "refuse", budget_tokens=-1)
+    a = AdmissionState.from_action(
+        SetAdmission("flex", "refuse", math.inf, "full", 50, None, 7), at=5.0)
+    assert a == AdmissionState("flex", "refuse", 50, None, None, 7, 5.0)
+
+
+def test_admission_cache_reads_at_most_once_per_ttl(r: redis.Redis) -> None:
+    cache = AdmissionCache(r, ttl_s=60.0)
+    assert cache.get("flex").mode == "accept"
+    publish_state(r, gates={}, routing={},
+                  admission={"flex": AdmissionState("flex", "refuse", 0, 9e4, None, 30, 1.0)})
+    assert cache.get("flex").mode == "accept"  # still the cached read
+    fresh = AdmissionCache(r, ttl_s=0.0)
+    assert fresh.get("flex").mode == "refuse"
+    assert fresh.get("flex").retry_after_s == 30
+
+
+def test_admit_counts_the_budget_down_then_applies_the_fallback(r: redis.Redis) -> None:
+    publish_state(r, gates={}, routing={}, admission={
+        "default": AdmissionState("default", "downgrade", 100, 5000.0, "flex", 3, 1.0),
+        "flex": AdmissionState("flex", "refuse", 10, 60000.0, None, 45, 1.0),
+        "batch": AdmissionState("batch", "refuse", None, None, None, 1, 1.0)})
+    cache = AdmissionCache(r, ttl_s=0.0)
+    assert cache.admit("default", 60) == AdmissionVerdict("default")
+    assert cache.admit("default", 40) == AdmissionVerdict("default")  # exactly the budget
+    late = cache.admit("default", 1)
+    assert (late.tier, late.refused) == ("flex", False) and "default" in late.reason
+    assert cache.admit("flex", 10).refused is False
+    refused = cache.admit("flex", 1)
+    assert refused.refused and refused.retry_after_s == 45 and refused.tier == "flex"
+    assert cache.admit("priority", 10**6) == AdmissionVerdict("priority")  # no decision
+    assert cache.admit("batch", 10**6) == AdmissionVerdict("batch")  # no budget = no limit
+    # The budget expires with the cycle that set it: without a reprioritiser, admit as asked.
+    assert 0 < r.pttl(budget_key("flex")) <= 10_000
+    r.delete(budget_key("flex"))
+    assert cache.admit("flex", 1) == AdmissionVerdict("flex")
+
+
+def test_admission_cache_admits_when_redis_is_down() -> None:
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2,
+                       retry=Retry(NoBackoff(), 0))
+    cache = AdmissionCache(dead, ttl_s=0.0)
+    assert cache.get("default") == AdmissionState("default")
+    assert cache.admit("flex", 100) == AdmissionVerdict("flex")
+
+
+def hb(worker: str, pressure_used: int, *, role: str = "decode", t: float = 100.0) -> Heartbeat:
+    return Heartbeat(worker=worker, role=role, num_blocks_total=100,
+                     num_blocks_used=pressure_used, time=t)
+
+
+def test_choose_decode_worker_follows_weights_among_live_workers() -> None:
+    hbs = [hb("d1", 10), hb("d2", 90), hb("p1", 0, role="prefill"), hb("old", 0, t=50.0)]
+    weights = {"d1": 0.2, "d2": 0.8, "old": 5.0}
+    # u below d1's share of the live weights picks d1, above it d2 ("old" is dead).
+    assert choose_decode_worker(weights, hbs, now=100.5, max_age_s=3, u=0.1) == "d1"
+    assert choose_decode_worker(weights, hbs, now=100.5, max_age_s=3, u=0.5) == "d2"
+    assert choose_decode_worker(weights, hbs, 100.5, 3, 0.5, exclude=("d2",)) == "d1"
+
+
+def test_choose_decode_worker_without_weights_picks_lowest_pressure() -> None:
+    hbs = [hb("d1", 50), hb("d2", 20)]
+    assert choose_decode_worker({}, hbs, now=100.0, max_age_s=3, u=0.99) == "d2"
+    assert choose_decode_worker({"gone": 1.0}, hbs, now=100.0, max_age_s=3, u=0.0) == "d2"
+    assert choose_decode_worker({}, [hb("d1", 0, t=0.0)], now=100.0, max_age_s=3, u=0) is None
+
+
+def test_tickets_are_remembered_with_a_ttl(r: redis.Redis) -> None:
+    now = time.time()
+    remember_tickets(r, [(Reticket("a", 2, "priority", 0, "age"), now)], ttl_s=30)
+    got = read_tickets(r, ["a", "b"])
+    assert got == {"a": {"attempt": 2, "queue_tier": "priority", "priority": 0, "at": now}}
+    assert 0 < r.pttl("ticket:a") <= 30_000
+    assert read_tickets(r, []) == {}
