@@ -41,6 +41,11 @@ def worker_from_heartbeat_key(key: str | bytes) -> str:
     return text[len(HEARTBEAT_PREFIX):]
 
 
+def cancel_key(request_id: str) -> str:
+    """Set by the API when a client goes away; the decoding worker aborts the request."""
+    return f"cancel:{request_id}"
+
+
 def lease_key(request_id: str) -> str:
     """The hash describing KV blocks a prefill worker holds for a decode worker."""
     return f"{LEASE_PREFIX}{request_id}"

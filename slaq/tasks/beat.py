@@ -46,7 +46,7 @@ def create_control_app(settings: Settings) -> Celery:
     # ``slaq.reprioritise`` is a shared task: importing its module registers it with every
     # app, without the inference tasks that ``create_app(with_tasks=True)`` would import.
     assert reprioritise.REPRIORITISE_TASK in app.tasks
-    app.conf.beat_schedule = {**reprioritise.schedule_entry(settings), **beat_schedule(settings)}
+    app.conf.beat_schedule = beat_schedule(settings)
     return app
 
 

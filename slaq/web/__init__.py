@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from slaq.gpu_workers.engine.config import SchedulerConfig
 from slaq.platform.admission import AdmissionService, Admitted, ServedModel, TicketSender
 from slaq.platform.decisions import AdmissionCache
+from slaq.platform.keys import cancel_key
 from slaq.platform.settings import Settings
 from slaq.platform.tiers import TierTable
 
@@ -54,7 +55,16 @@ class WebContext:
         from slaq.platform import ledger
 
         with self.session_factory() as session:
-            ledger.cancel_request(session, request_id, reason="client disconnected")
+            cancelled = ledger.cancel_request(session, request_id, reason="client disconnected")
+        if cancelled:
+            # The ledger says cancelled; this key tells the worker generating it to stop now.
+            try:
+                self.redis.set(cancel_key(request_id), 1, ex=CANCEL_KEY_TTL_S)
+            except redis.RedisError:
+                pass
+
+
+CANCEL_KEY_TTL_S = 3600
 
 
 def context() -> WebContext:

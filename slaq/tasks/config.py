@@ -1,0 +1,113 @@
+"""Celery configuration: queues, routes, priorities, delivery guarantees, beat schedule.
+
+Redis is the default broker; ``amqp://`` (RabbitMQ) works with the same queues. The two
+disagree on what a message priority means (Redis: 0 is the most urgent; RabbitMQ: the highest
+number is), so callers give the Redis-style priority of :mod:`slaq.platform.tiers` and
+:func:`broker_priority` translates it for the broker in use.
+"""
+
+from __future__ import annotations
+
+from kombu import Exchange, Queue
+
+from slaq.platform.settings import Settings
+from slaq.platform.tiers import TIER_NAMES
+
+PREFILL_TASK = "slaq.prefill"
+DECODE_TASK = "slaq.decode"
+
+# The order a prefill worker drains them in (queue_order_strategy "priority").
+PREFILL_QUEUES: tuple[str, ...] = tuple(f"prefill.{tier}" for tier in TIER_NAMES)
+DECODE_ANY_QUEUE = "decode.any"
+CONTROL_QUEUE = "control"
+
+NUM_PRIORITIES = 10  # Redis-style 0 (most urgent) .. 9
+# Messages sent without a priority: as urgent as the default tier, not the top bucket.
+DEFAULT_PRIORITY = 3
+
+
+def decode_queue(worker: str | None) -> str:
+    """The decode queue of one worker, or the shared one when no worker is known."""
+    return f"decode.{worker}" if worker else DECODE_ANY_QUEUE
+
+
+def is_amqp(broker_url: str) -> bool:
+    return broker_url.split("://", 1)[0].startswith(("amqp", "pyamqp", "librabbitmq"))
+
+
+def broker_priority(priority: int, broker_url: str) -> int:
+    """Translate a Redis-style priority (0 most urgent) into the broker's own scale."""
+    if not 0 <= priority < NUM_PRIORITIES:
+        raise ValueError(f"priority must be in 0..{NUM_PRIORITIES - 1}, got {priority}")
+    return NUM_PRIORITIES - 1 - priority if is_amqp(broker_url) else priority
+
+
+def make_queue(name: str) -> Queue:
+    """A queue with its own direct exchange; x-max-priority makes RabbitMQ honour priorities
+    (the Redis transport ignores queue arguments and uses ``priority_steps`` instead)."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name,
+                 queue_arguments={"x-max-priority": NUM_PRIORITIES - 1})
+
+
+def queues_for_role(role: str, worker: str) -> list[str]:
+    """What a worker with this role consumes, in drain order."""
+    if role == "prefill":
+        return list(PREFILL_QUEUES)
+    if role == "decode":
+        return [decode_queue(worker), DECODE_ANY_QUEUE]
+    if role == "both":
+        # An aggregated worker decodes what it prefills; it also drains stray decode tickets.
+        return [*PREFILL_QUEUES, decode_queue(worker), DECODE_ANY_QUEUE]
+    raise ValueError(f"role must be prefill, decode or both, got {role!r}")
+
+
+def broker_url_of(settings: Settings) -> str:
+    url = settings.broker_url or settings.redis_url
+    if not url:
+        raise ValueError("set SLAQ_BROKER_URL or SLAQ_REDIS_URL (or start the embedded services)")
+    return url
+
+
+def celery_config(settings: Settings, extra_queues: tuple[str, ...] = ()) -> dict:
+    """The Celery settings dict for :func:`slaq.tasks.app.create_app`."""
+    broker = broker_url_of(settings)
+    names = [*PREFILL_QUEUES, DECODE_ANY_QUEUE, CONTROL_QUEUE, *extra_queues]
+    return {
+        "broker_url": broker,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            # kombu's Redis transport keeps one list per step; default [0, 3, 6, 9] would
+            # merge tiers, so give every priority its own list.
+            "priority_steps": list(range(NUM_PRIORITIES)),
+            "queue_order_strategy": "priority",
+            # An un-acked ticket is redelivered after this long even while still running.
+            "visibility_timeout": settings.visibility_timeout_s,
+        },
+        "task_queues": [make_queue(n) for n in dict.fromkeys(names)],
+        "task_queue_max_priority": NUM_PRIORITIES - 1,
+        "task_default_queue": "prefill.default",
+        "task_default_priority": broker_priority(DEFAULT_PRIORITY, broker),
+        "task_routes": {
+            PREFILL_TASK: {"queue": "prefill.default"},
+            DECODE_TASK: {"queue": DECODE_ANY_QUEUE},
+        },
+        # Tickets are idempotent (the ledger claim decides), so redelivery is safe.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "timezone": "UTC",
+        "beat_schedule": beat_schedule(settings),
+    }
+
+
+def beat_schedule(settings: Settings) -> dict:
+    """Periodic jobs for ``slaq beat``: the reprioritiser every ``reprioritise_interval_s``."""
+    from slaq.tasks.reprioritise import schedule_entry  # late: it imports the ledger
+
+    return schedule_entry(settings)
