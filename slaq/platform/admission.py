@@ -30,8 +30,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# service_tier values the online API accepts (batch work comes through the batch API).
-ONLINE_SERVICE_TIERS: tuple[str, ...] = ("auto", "default", "flex", "priority", "fast", "scale")
+# service_tier values the online API accepts: OpenAI's, plus "batch" (a slaq extension, so
+# benchmark and trace replays can send batch-tier work online; it fills only spare capacity).
+ONLINE_SERVICE_TIERS: tuple[str, ...] = ("auto", "default", "flex", "priority", "fast", "scale",
+                                         "batch")
 
 TicketSender = Callable[[str, int, str], None]
 

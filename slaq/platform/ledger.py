@@ -195,7 +195,8 @@ def finish_request(session: Session, request_id: str, attempt: int, *, output_te
         tpot = None
         sla = ttft <= RequestRow.ttft_target_ms
     fields: dict[str, Any] = dict(
-        output_text=output_text, finish_reason=finish_reason,
+        # PostgreSQL text cannot hold NUL; a model may still emit one (the stream keeps it).
+        output_text=output_text.replace("\x00", "\ufffd"), finish_reason=finish_reason,
         completion_tokens=completion_tokens, cached_tokens=cached_tokens, finished_at=done,
         first_token_at=first, ttft_ms=ttft, tpot_ms=tpot, sla_met=sla)
     if worker is not None:

@@ -54,7 +54,7 @@ def test_celery_config_delivery_settings():
     assert opts["visibility_timeout"] == 1234
     assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
     assert conf["worker_prefetch_multiplier"] == 1
-    assert conf["beat_schedule"] == {}
+    assert conf["beat_schedule"]["reprioritise"]["options"]["queue"] == "control"
     names = [q.name for q in conf["task_queues"]]
     assert names[:4] == list(PREFILL_QUEUES) and "control" in names
     amqp = celery_config(Settings(broker_url="amqp://guest@localhost//", redis_url="redis://h"))

@@ -80,8 +80,6 @@ CASES = [
      400, "invalid_request_error", "invalid_type"),
     ("tier-unknown", CHAT, chat(service_tier="gold"), 400, "invalid_request_error",
      "invalid_value"),
-    ("tier-batch-online", CHAT, chat(service_tier="batch"), 400, "invalid_request_error",
-     "invalid_value"),
     ("tier-number", CHAT, chat(service_tier=1), 400, "invalid_request_error", "invalid_type"),
     ("stop-five", CHAT, chat(stop=["a", "b", "c", "d", "e"]), 400, "invalid_request_error",
      "array_above_max_length"),

@@ -1,0 +1,170 @@
+"""``slaq bench serve``: replay a public trace against a running stack; JSON and PNG report.
+
+The click command is attached to the ``bench`` group by ``slaq/bench/cli.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from slaq.platform.tiers import TIER_NAMES
+from slaq.sim import traces
+
+TRACE_FILES = {
+    "azure": "azure_llm_2023/AzureLLMInferenceTrace_conv.csv",
+    "mooncake": "mooncake/conversation_trace.jsonl",
+}
+
+
+def traces_dir() -> Path:
+    """``SLAQ_TRACES_DIR``, else ``shared/traces`` beside the checkout or inside it."""
+    if env := os.environ.get("SLAQ_TRACES_DIR"):
+        return Path(env)
+    root = Path(__file__).resolve().parents[2]
+    for cand in (root.parent / "shared" / "traces", root / "shared" / "traces"):
+        if cand.is_dir():
+            return cand
+    return Path("../shared/traces")
+
+
+def resolve_trace(name: str) -> Path:
+    """``azure``, ``mooncake`` or a path to a ``.csv`` / ``.jsonl`` trace."""
+    path = traces_dir() / TRACE_FILES[name] if name in TRACE_FILES else Path(name)
+    if not path.is_file():
+        raise click.BadParameter(f"trace file {path} not found", param_hint="--trace")
+    return path
+
+
+def parse_tier_mix(text: str | None) -> dict[str, float]:
+    """``"priority=0.2,default=0.5,flex=0.3"``; default 20/50/15/15 (flex and batch share 30%)."""
+    if not text:
+        return dict(traces.DEFAULT_TIER_MIX)
+    mix: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not sep or name not in TIER_NAMES or weight < 0:
+            raise click.BadParameter(f"expected tier=weight pairs over {TIER_NAMES}, "
+                                     f"got {part!r}", param_hint="--tier-mix")
+        mix[name] = weight
+    if sum(mix.values()) <= 0:
+        raise click.BadParameter("tier weights sum to 0", param_hint="--tier-mix")
+    return mix
+
+
+def build_trace(trace: str, start_s: float, duration_s: float | None, time_scale: float,
+                token_scale: float, max_input_tokens: int | None,
+                max_output_tokens: int | None, mix: dict[str, float], seed: int,
+                max_requests: int) -> traces.Trace:
+    """Load, take the window, scale, fit lengths, assign tiers, cap the count."""
+    from slaq.bench.serve import fit_lengths
+
+    path = resolve_trace(trace)
+    t = traces.load_trace(path)
+    if start_s or duration_s is not None:
+        t = traces.window(t, start_s, duration_s if duration_s is not None else float("inf"))
+    t = traces.scale_time(t, time_scale)
+    if token_scale != 1.0:
+        t = traces.scale_tokens(t, token_scale, token_scale)
+    t = fit_lengths(t, max_input_tokens, max_output_tokens)
+    t = traces.assign_tiers(t, mix, seed)
+    return traces.Trace(t.name, t.requests[:max_requests])
+
+
+@click.command("serve")
+@click.option("--base-url", default="http://127.0.0.1:8000", show_default=True,
+              help="The slaq API (without /v1).")
+@click.option("--api-key", envvar="SLAQ_API_KEY", required=True,
+              help="Bearer key (or SLAQ_API_KEY).")
+@click.option("--model", default=None, help="Model name (default: the first of /v1/models).")
+@click.option("--trace", "trace_name", default="azure", show_default=True,
+              help="azure | mooncake | PATH (.csv Azure, .jsonl Mooncake).")
+@click.option("--start-s", default=0.0, show_default=True, type=float,
+              help="Where in the original trace to start (s).")
+@click.option("--duration-s", default=60.0, show_default=True, type=float,
+              help="Seconds of the original trace to take.")
+@click.option("--time-scale", default=1.0, show_default=True, type=float,
+              help="Compress arrivals: rate multiplied by this.")
+@click.option("--token-scale", default=1.0, show_default=True, type=float,
+              help="Multiply prompt and output lengths.")
+@click.option("--max-input-tokens", default=None, type=int, help="Clip prompt lengths.")
+@click.option("--max-output-tokens", default=None, type=int, help="Clip output lengths.")
+@click.option("--tier-mix", default=None,
+              help="e.g. priority=0.2,default=0.5,flex=0.3 (default 20/50/15/15 with batch).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--max-requests", default=5000, show_default=True, type=int)
+@click.option("--max-wall-s", default=600.0, show_default=True, type=float,
+              help="Send nothing later than this after the start.")
+@click.option("--drain-timeout-s", default=120.0, show_default=True, type=float,
+              help="Cancel (count as lost) what is still open this long after the last send.")
+@click.option("--request-timeout-s", default=300.0, show_default=True, type=float)
+@click.option("--max-in-flight", default=256, show_default=True, type=int)
+@click.option("--token-ids", default="100:400", show_default=True,
+              help="LO:HI, the range prompt token ids are drawn from (inside the vocabulary).")
+@click.option("--allow-remote", is_flag=True, help="Allow a base URL that is not loopback.")
+@click.option("--out", "out_dir", default="bench-serve", show_default=True,
+              help="Directory for report.json, requests.jsonl and PNGs.")
+@click.option("--plot/--no-plot", default=True, show_default=True)
+@click.option("--policy-label", default=None,
+              help="Name of the policy the stack runs (fifo, static, slaq, …), for the report.")
+def serve(base_url: str, api_key: str, model: str | None, trace_name: str, start_s: float,
+          duration_s: float, time_scale: float, token_scale: float,
+          max_input_tokens: int | None, max_output_tokens: int | None, tier_mix: str | None,
+          seed: int, max_requests: int, max_wall_s: float, drain_timeout_s: float,
+          request_timeout_s: float, max_in_flight: int, token_ids: str, allow_remote: bool,
+          out_dir: str, plot: bool, policy_label: str | None) -> None:
+    """Replay a trace through the streaming API; report TTFT/TPOT/E2E, SLA attainment and
+    goodput per tier."""
+    from slaq.bench.serve import ServeConfig, replay
+    from slaq.bench.serve_report import format_table, write_report
+
+    if time_scale <= 0 or token_scale <= 0 or duration_s <= 0:
+        raise click.UsageError("--time-scale, --token-scale and --duration-s must be > 0")
+    mix = parse_tier_mix(tier_mix)
+    lo, _, hi = token_ids.partition(":")
+    if not (lo.isdigit() and hi.isdigit()):
+        raise click.BadParameter(f"expected LO:HI, got {token_ids!r}", param_hint="--token-ids")
+    try:
+        cfg = ServeConfig(base_url=base_url, api_key=api_key, model=model,
+                          max_requests=max_requests, max_wall_s=max_wall_s,
+                          drain_timeout_s=drain_timeout_s, request_timeout_s=request_timeout_s,
+                          max_in_flight=max_in_flight, token_id_range=(int(lo), int(hi)),
+                          seed=seed, allow_remote=allow_remote)
+        trace = build_trace(trace_name, start_s, duration_s, time_scale, token_scale,
+                            max_input_tokens, max_output_tokens, mix, seed, max_requests)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(f"replaying {len(trace)} requests of {trace.name} over {trace.duration_s:.1f} s "
+               f"({trace.rate:.2f} req/s) against {base_url}", err=True)
+    result = replay(trace, cfg)
+    meta = {"trace": {"name": trace.name, "requests": len(trace), "start_s": start_s,
+                      "duration_s": duration_s, "time_scale": time_scale,
+                      "token_scale": token_scale, "max_input_tokens": max_input_tokens,
+                      "max_output_tokens": max_output_tokens, "rate": trace.rate},
+            "tier_mix": mix, "seed": seed, "base_url": base_url}
+    report = write_report(result, out_dir, label=policy_label, meta=meta, plot=plot)
+    click.echo(format_table(report), err=True)
+    click.echo(json.dumps({"label": policy_label, "overall": report["overall"],
+                           "files": report["files"]}, indent=2))
+
+
+@click.command("serve-compare")
+@click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True))
+def serve_compare(reports: tuple[str, ...]) -> None:
+    """Tabulate several ``report.json`` files (e.g. one per policy, same trace); goodput is
+    shown relative to the first."""
+    from slaq.bench.serve_report import format_comparison
+
+    loaded = [json.loads(Path(p).read_text()) for p in reports]
+    names = {json.dumps(r.get("trace"), sort_keys=True) for r in loaded}
+    if len(names) > 1:
+        click.echo("warning: the reports were made from different trace settings", err=True)
+    click.echo(format_comparison(loaded))
