@@ -6,7 +6,7 @@ from flask import Flask
 
 
 def register_blueprints(app: Flask) -> None:
-    from slaq.web.blueprints import chat, completions, health, models
+    from slaq.web.blueprints import chat, completions, health, metrics, models
 
-    for module in (chat, completions, models, health):
+    for module in (chat, completions, models, health, metrics):
         app.register_blueprint(module.bp)
