@@ -1,0 +1,147 @@
+"""Attention over the paged KV pool, behind a small backend interface.
+
+The model calls ``backend.forward(q, k, v, kv_cache, meta)`` once per layer. A backend first
+writes the new keys/values into the pool at ``meta.slot_mapping`` and then attends each query to
+everything its sequence has in the cache. :class:`TorchSDPABackend` is the portable path
+(gather the blocks of each sequence, then ``scaled_dot_product_attention``); a paged
+Triton/FlexAttention kernel plugs in by implementing :class:`AttentionBackend` and being
+returned from :func:`get_attention_backend` for its device.
+
+Token layout in a step (built by the model runner): all prefill chunks first, one after the
+other, then all decodes (one token each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    """One prefill chunk: flattened tokens ``[token_start, token_start + num_tokens)``.
+
+    ``context_start`` is the absolute position of its first token; the ``context_start`` tokens
+    before it are already in the cache (earlier chunks or prefix-cache hits).
+    """
+
+    token_start: int
+    num_tokens: int
+    context_start: int
+    block_table: torch.Tensor  # long [ceil((context_start + num_tokens) / block_size)]
+
+    @property
+    def context_len(self) -> int:
+        return self.context_start + self.num_tokens
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where one step's tokens live in the pool and what each may attend to."""
+
+    block_size: int
+    slot_mapping: torch.Tensor  # long [num_tokens]: block_table[pos // bs] * bs + pos % bs
+    prefills: list[PrefillSpan]
+    num_prefill_tokens: int
+    # Decodes, batched: block tables padded to the longest context, and a key mask.
+    decode_block_tables: torch.Tensor | None = None  # long [B, max_blocks]
+    decode_context_lens: torch.Tensor | None = None  # long [B]
+    # bool [B, 1, 1, max_blocks * block_size]; derived from the lengths when None
+    decode_mask: torch.Tensor | None = None
+
+    @property
+    def num_decodes(self) -> int:
+        return 0 if self.decode_block_tables is None else self.decode_block_tables.shape[0]
+
+
+class AttentionBackend(Protocol):
+    """Paged attention for one layer. Shapes: q ``[T, H, D]``, k/v ``[T, KVH, D]``,
+    kv_cache ``[2, num_blocks, block_size, KVH, D]``; returns ``[T, H, D]``."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        ...
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys/values at their slots (the pool is flat over block * offset)."""
+    num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape[1:]
+    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)
+
+
+class TorchSDPABackend:
+    """Gather-then-SDPA attention: correct on every device, reasonably fast on CPU.
+
+    ``expand_kv``: repeat K/V heads up to the query heads instead of asking SDPA for GQA.
+    On CUDA the flash and memory-efficient kernels accept only equal head counts, so without
+    it grouped-query attention falls back to slower kernels; on CPU the fused kernel
+    handles GQA itself and the copy would only cost time.
+    """
+
+    def __init__(self, expand_kv: bool = False) -> None:
+        self.expand_kv = expand_kv
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              **kw: object) -> torch.Tensor:
+        group = q.shape[1] // k.shape[1]
+        if group > 1 and self.expand_kv:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+            group = 1
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=group > 1, **kw)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        for span in meta.prefills:
+            sl = slice(span.token_start, span.token_start + span.num_tokens)
+            out[sl] = self._prefill(q[sl], k[sl], v[sl], kv_cache, span, meta.block_size, scale)
+        if meta.num_decodes:
+            out[meta.num_prefill_tokens:] = self._decode(
+                q[meta.num_prefill_tokens:], kv_cache, meta, scale)
+        return out
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 span: PrefillSpan, block_size: int, scale: float) -> torch.Tensor:
+        qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if span.context_start == 0:
+            # Nothing cached before this chunk: attend to the fresh keys, no gather needed.
+            kh = k.transpose(0, 1).unsqueeze(0)
+            vh = v.transpose(0, 1).unsqueeze(0)
+            o = self._sdpa(qh, kh, vh, is_causal=True, scale=scale)
+            return o.squeeze(0).transpose(0, 1)
+        ctx = span.context_len
+        kv = kv_cache[:, span.block_table].flatten(1, 2)[:, :ctx]  # [2, ctx, KVH, D]
+        kc, vc = kv[0], kv[1]
+        # Query i sits at position context_start + i and sees keys 0..context_start + i.
+        q_pos = torch.arange(span.context_start, ctx, device=q.device)
+        k_pos = torch.arange(ctx, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None]
+        o = self._sdpa(qh, kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0),
+                       attn_mask=mask, scale=scale)
+        return o.squeeze(0).transpose(0, 1)
+
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        # One gather for K and V: [2, B, max_blocks, bs, KVH, D] -> [2, B, KVH, S, D]
+        kv = kv_cache[:, meta.decode_block_tables].flatten(2, 3).transpose(2, 3)
+        kc, vc = kv[0], kv[1]
+        mask = meta.decode_mask
+        if mask is None:
+            key_pos = torch.arange(kc.shape[2], device=q.device)
+            mask = (key_pos[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]
+        o = self._sdpa(q.unsqueeze(2), kc, vc, attn_mask=mask, scale=scale)
+        return o.squeeze(2)
+
+
+def get_attention_backend(device: torch.device) -> AttentionBackend:
+    """The attention backend for a device. GPU kernels register here when they exist."""
+    return TorchSDPABackend(expand_kv=device.type == "cuda")

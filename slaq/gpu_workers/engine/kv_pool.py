@@ -1,0 +1,55 @@
+"""Allocation of the paged KV pool, in private memory or in a POSIX shared-memory file.
+
+Pool layout: ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``. On CPU the
+pool can live in ``/dev/shm/<name>`` so that another process on the host maps the same pages
+(:func:`open_shm_pool`) and copies block rows in or out: the shm KV transport.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+
+SHM_DIR = Path("/dev/shm")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def shm_path(name: str) -> Path:
+    """The file behind a shared-memory pool name (a bare file name, no slashes)."""
+    if not _NAME.match(name):
+        raise ValueError(f"invalid shared-memory name {name!r}")
+    return SHM_DIR / name
+
+
+def allocate_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                  shm_name: str | None = None) -> torch.Tensor:
+    """A zeroed pool tensor; in ``/dev/shm/<shm_name>`` when a name is given (CPU only)."""
+    if shm_name is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if device.type != "cpu":
+        raise ValueError("a shared-memory KV pool is only supported on CPU")
+    path = shm_path(shm_name)
+    # A stale file from a dead worker of the same name must not leak its size or contents.
+    path.unlink(missing_ok=True)
+    pool = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=dtype)
+    return pool.view(shape)
+
+
+def open_shm_pool(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Map another process's shared-memory pool (same shape and dtype as it was created)."""
+    path = shm_path(name)
+    numel = math.prod(shape)
+    expected = numel * torch.empty((), dtype=dtype).element_size()
+    size = os.path.getsize(path)  # FileNotFoundError when the owner has not created it
+    if size != expected:
+        raise ValueError(f"{path} has {size} bytes, expected {expected} for {shape} {dtype}")
+    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+
+
+def unlink_shm_pool(name: str) -> None:
+    """Remove the shared-memory file (mappings already open stay valid)."""
+    shm_path(name).unlink(missing_ok=True)

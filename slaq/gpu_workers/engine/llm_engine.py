@@ -1,0 +1,290 @@
+"""LLMEngine: scheduler + block manager + model runner + detokenizer behind one facade.
+
+Not thread-safe. One engine thread owns an engine and makes every call on it (the worker's
+:mod:`~slaq.gpu_workers.engine_loop`); other threads hand it work through that loop.
+
+The same facade drives the ``sim`` engine: ``LLMEngine(config, runner="sim")`` swaps the model
+runner for :class:`~slaq.gpu_workers.engine.sim_runner.SimRunner` (cost-model step times, filler
+tokens) around the same scheduler and block accounting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, replace
+from typing import Any
+
+from slaq.gpu_workers.engine.block_manager import BlockManager
+from slaq.gpu_workers.engine.config import EngineConfig, SamplingParams
+from slaq.gpu_workers.engine.detokenizer import IncrementalDetokenizer
+from slaq.gpu_workers.engine.loader import eos_token_ids, load_model_config, load_tokenizer
+from slaq.gpu_workers.engine.outputs import RequestOutput, RunnerOutput, SchedulerOutput
+from slaq.gpu_workers.engine.scheduler import PREFILL_DONE, Scheduler
+from slaq.gpu_workers.engine.sequence import Sequence
+
+RATE_WINDOW_S = 10.0  # token rates in stats() are over this recent window
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """A snapshot for heartbeats and metrics."""
+
+    num_blocks_total: int
+    num_blocks_used: int
+    num_running: int
+    num_waiting: int
+    num_leased: int
+    num_preemptions: int
+    last_batch_size: int
+    max_batch_size_seen: int
+    num_steps: int
+    num_prompt_tokens_total: int  # prompt tokens computed (prefix-cache hits excluded)
+    num_generation_tokens_total: int  # tokens sampled
+    prefill_tokens_per_s: float  # over the last RATE_WINDOW_S
+    decode_tokens_per_s: float
+    prefix_cache_queries_tokens: int
+    prefix_cache_hits_tokens: int
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.max_batch_size_seen
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks in use, 0..1."""
+        return self.num_blocks_used / self.num_blocks_total if self.num_blocks_total else 0.0
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole request's result, from :meth:`LLMEngine.generate`."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[list[tuple[int, float]]] | None = None
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model on one device."""
+
+    def __init__(self, config: EngineConfig, runner: str | Any = "torch", *,
+                 sim_profile: str = "smollm2-135m-cpu") -> None:
+        model_config = load_model_config(config.model)
+        # Positions past the model's trained range (and its RoPE table) are never scheduled.
+        max_len = min(config.scheduler.max_model_len, model_config.max_position_embeddings)
+        self.config = config = replace(config, scheduler=replace(config.scheduler,
+                                                                 max_model_len=max_len))
+        self.model_config = model_config
+        self.tokenizer = load_tokenizer(config.model)
+        self.eos_token_ids = eos_token_ids(config.model, self.tokenizer, model_config)
+        self.runner = self._make_runner(runner, sim_profile)
+        num_blocks = (config.cache.num_blocks or getattr(self.runner, "num_blocks", None)
+                      or self.runner.num_kv_blocks)
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._num_steps = 0
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._recent: deque[tuple[float, float, int, int]] = deque()  # (end, dt, prefill, dec)
+
+    def _make_runner(self, runner: str | Any, sim_profile: str) -> Any:
+        if runner == "torch":
+            from slaq.gpu_workers.engine.model_runner import ModelRunner
+
+            return ModelRunner(self.config, self.model_config)
+        if runner == "sim":
+            from slaq.gpu_workers.engine.cost_model import get_profile
+            from slaq.gpu_workers.engine.sim_runner import SimRunner
+
+            return SimRunner(get_profile(sim_profile), realtime=True)
+        return runner  # a runner object (tests, other engines)
+
+    # -- properties of the KV pool (for transports) ------------------------------------
+
+    @property
+    def kv_shape(self) -> tuple[int, ...]:
+        return tuple(self.runner.kv_shape)
+
+    @property
+    def kv_dtype(self) -> Any:
+        return self.runner.dtype
+
+    def close(self) -> None:
+        """Release the runner's resources (its shared-memory pool file)."""
+        if hasattr(self.runner, "close"):
+            self.runner.close()
+
+    # -- requests ----------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
+                    rank: int = 1, prefill_only: bool = False,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request. Raises ValueError for a prompt that could never run."""
+        prompt = self._check_prompt(prompt_token_ids)
+        seq = Sequence(request_id, prompt, params, rank=rank, prefill_only=prefill_only,
+                       arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        self.scheduler.add(seq)
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt, params.stop)
+
+    def add_prefilled_request(self, request_id: str, prompt_token_ids: Seq[int],
+                              first_token_id: int, params: SamplingParams, kv: Any,
+                              rank: int = 1, num_cached_tokens: int = 0) -> None:
+        """Continue a request prefilled elsewhere: ``kv`` holds its prompt's KV blocks
+        (``[L, 2, n, block_size, kv_heads, head_dim]``, as :meth:`read_blocks` returns).
+
+        Raises :class:`~slaq.gpu_workers.engine.scheduler.NoRoomError` when there is no seat
+        or room now, ValueError when nothing is left to generate.
+        """
+        prompt = self._check_prompt(prompt_token_ids)
+        seq = Sequence(request_id, prompt, params, rank=rank, arrival_time=time.monotonic(),
+                       output_token_ids=[first_token_id])
+        blocks = self.scheduler.add_prefilled(seq, num_cached_tokens)
+        if kv.shape[2] < len(blocks):
+            self.scheduler.abort(request_id)
+            raise ValueError(f"kv has {kv.shape[2]} blocks, the prompt needs {len(blocks)}")
+        self.runner.write_blocks(blocks, kv[:, :, :len(blocks)])
+        detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop)
+        detok.add([first_token_id])  # its text was streamed by the prefill side
+        self._detok[request_id] = detok
+
+    def _check_prompt(self, prompt_token_ids: Seq[int]) -> list[int]:
+        prompt = [int(t) for t in prompt_token_ids]
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        return prompt
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request wherever it is (waiting, running or leased)."""
+        self.scheduler.abort(request_id)
+        self._forget(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- disaggregation ----------------------------------------------------------------
+
+    def leased_blocks(self, request_id: str) -> list[int]:
+        """Blocks holding a finished prefill_only request's prompt KV, in token order."""
+        seq = self.scheduler.leased(request_id)
+        if seq is None:
+            return []
+        return seq.block_table[:self.block_manager.num_blocks_for(seq.num_computed_tokens)]
+
+    def free_request(self, request_id: str) -> None:
+        """The owner releases a lease (its blocks go back to the pool / prefix cache)."""
+        self.scheduler.free_leased(request_id)
+        self._forget(request_id)
+
+    def read_blocks(self, block_ids: list[int]) -> Any:
+        """A copy of KV blocks: ``[num_layers, 2, n, block_size, kv_heads, head_dim]``."""
+        return self.runner.read_blocks(block_ids)
+
+    # -- stepping ----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run and apply one step; return what each touched request produced."""
+        out = self.scheduler.schedule()
+        t0 = time.perf_counter()
+        runner_out = self.runner.execute(out) if not out.is_empty else RunnerOutput()
+        finished = self.scheduler.update(out, runner_out, self.eos_token_ids)
+        self._record(out, runner_out, time.perf_counter() - t0)
+        outputs = [self._output(item.seq, runner_out) for item in out.scheduled
+                   if item.seq.request_id in runner_out.sampled_token_ids]
+        sampled = runner_out.sampled_token_ids
+        # Sequences the scheduler ended without running them (they outgrew the pool).
+        outputs += [self._output(seq, runner_out) for seq in finished
+                    if seq.request_id not in sampled]
+        return outputs
+
+    def _output(self, seq: Sequence, runner_out: RunnerOutput) -> RequestOutput:
+        rid = seq.request_id
+        token_id = runner_out.sampled_token_ids.get(rid)
+        new_ids = [] if token_id is None else [token_id]
+        detok = self._detok.get(rid)
+        text = detok.add(new_ids) if detok is not None else ""
+        reason = seq.finish_reason
+        if detok is not None and detok.stopped:
+            if not seq.is_finished or reason == PREFILL_DONE:
+                self.scheduler.finish(rid, "stop")
+            reason = "stop"
+        elif detok is not None and seq.is_finished and reason != PREFILL_DONE:
+            text += detok.flush()
+        finished = seq.is_finished
+        if finished and reason != PREFILL_DONE:
+            self._forget(rid)
+        lp = runner_out.logprobs.get(rid)
+        return RequestOutput(
+            request_id=rid, new_token_ids=new_ids, new_text=text, finished=finished,
+            finish_reason=reason if finished else None,
+            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_tokens, logprobs=None if lp is None else [lp])
+
+    def _forget(self, request_id: str) -> None:
+        self._detok.pop(request_id, None)
+        if hasattr(self.runner, "free_request_state"):
+            self.runner.free_request_state(request_id)
+
+    def _record(self, out: SchedulerOutput, runner_out: RunnerOutput, dt: float) -> None:
+        self._num_steps += 1
+        prefill = sum(i.num_new_tokens for i in out.scheduled if i.is_prefill)
+        decode = out.num_batched_tokens - prefill
+        self._prompt_tokens += prefill
+        self._generation_tokens += len(runner_out.sampled_token_ids)
+        now = time.monotonic()
+        if out.scheduled:
+            self._recent.append((now, dt, prefill, decode))
+        while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+            self._recent.popleft()
+
+    def stats(self) -> EngineStats:
+        """Counters and recent token rates (rates over the last RATE_WINDOW_S seconds)."""
+        now = time.monotonic()
+        recent = [r for r in self._recent if r[0] >= now - RATE_WINDOW_S]
+        span = now - min((end - dt for end, dt, _, _ in recent), default=now)
+        span = max(span, 1e-6)
+        bm, sched = self.block_manager, self.scheduler
+        return EngineStats(
+            num_blocks_total=bm.num_blocks, num_blocks_used=bm.num_used_blocks,
+            num_running=sched.num_running, num_waiting=sched.num_waiting,
+            num_leased=sched.num_leased, num_preemptions=sched.num_preemptions,
+            last_batch_size=sched.last_batch_size,
+            max_batch_size_seen=sched.max_batch_size_seen, num_steps=self._num_steps,
+            num_prompt_tokens_total=self._prompt_tokens,
+            num_generation_tokens_total=self._generation_tokens,
+            prefill_tokens_per_s=sum(r[2] for r in recent) / span if recent else 0.0,
+            decode_tokens_per_s=sum(r[3] for r in recent) / span if recent else 0.0,
+            prefix_cache_queries_tokens=bm.num_prefix_queries_tokens,
+            prefix_cache_hits_tokens=bm.num_prefix_hit_tokens,
+        )
+
+    # -- convenience -------------------------------------------------------------------
+
+    def generate(self, prompts: Seq[Seq[int]],
+                 params: SamplingParams | Seq[SamplingParams]) -> list[Completion]:
+        """Run prompts to completion together (tests, benchmarks); results in prompt order."""
+        all_params = [params] * len(prompts) if isinstance(params, SamplingParams) else params
+        ids = [f"gen-{self._num_steps}-{i}" for i in range(len(prompts))]
+        results = {rid: Completion(rid, [], "", None) for rid in ids}
+        for rid, prompt, p in zip(ids, prompts, all_params, strict=True):
+            self.add_request(rid, prompt, p)
+        pending = set(ids)
+        while pending:
+            for out in self.step():
+                res = results.get(out.request_id)
+                if res is None:
+                    continue
+                res.token_ids += out.new_token_ids
+                res.text += out.new_text
+                if out.logprobs is not None:
+                    res.logprobs = (res.logprobs or []) + out.logprobs
+                if out.finished:
+                    res.finish_reason = out.finish_reason
+                    pending.discard(out.request_id)
+        return [results[rid] for rid in ids]

@@ -1,0 +1,180 @@
+"""The model runner: the only engine code that touches torch devices.
+
+It owns the model, the paged KV pool ``[num_layers, 2, num_blocks, block_size, num_kv_heads,
+head_dim]`` and the sampler. ``execute`` turns a :class:`SchedulerOutput` into one forward over
+all scheduled tokens (prefill chunks and decodes flattened together) and samples a token for
+every sequence whose ``sample`` flag is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slaq.gpu_workers.engine.attention import (
+    AttentionMetadata,
+    PrefillSpan,
+    get_attention_backend,
+)
+from slaq.gpu_workers.engine.config import EngineConfig
+from slaq.gpu_workers.engine.kv_pool import allocate_pool, open_shm_pool, unlink_shm_pool
+from slaq.gpu_workers.engine.loader import load_model, load_model_config, torch_dtype
+from slaq.gpu_workers.engine.models import ModelConfig
+from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from slaq.gpu_workers.engine.sampler import Sampler, SampleRequest
+
+__all__ = ["ModelRunner", "open_shm_pool"]
+
+
+@dataclass(slots=True)
+class _Batch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor  # rows of the flattened tokens whose logits are sampled
+    sample_rows: list[SampleRequest]
+
+
+class ModelRunner:
+    """Loads the model named by ``config.model`` onto ``config.device`` and runs steps."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = torch_dtype(config.dtype)
+        self.model_config = model_config or load_model_config(config.model)
+        self.block_size = config.cache.block_size
+        self.max_model_len = config.scheduler.max_model_len
+        self.model = load_model(config.model, self.model_config, self.device, self.dtype)
+        self.model.rotary.build(self.max_model_len, self.device, self.dtype)
+        self.backend = get_attention_backend(self.device)
+        self.sampler = Sampler(self.device)
+        self.num_blocks = config.cache.num_blocks or self._blocks_from_memory()
+        self.kv_cache = allocate_pool(self.kv_shape, self.dtype, self.device, config.kv_shm_name)
+
+    @property
+    def kv_shape(self) -> tuple[int, ...]:
+        mc = self.model_config
+        return (mc.num_layers, 2, self.num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+
+    @property
+    def bytes_per_block(self) -> int:
+        mc = self.model_config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return mc.num_layers * 2 * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+
+    def _blocks_from_memory(self) -> int:
+        cache = self.config.cache
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cache.memory_fraction)
+        else:
+            budget = cache.cpu_pool_bytes
+        num_blocks = budget // self.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"no room for a single KV block ({self.bytes_per_block} bytes)")
+        return num_blocks
+
+    def close(self) -> None:
+        """Drop the pool; removes its shared-memory file if it has one."""
+        if self.config.kv_shm_name:
+            unlink_shm_pool(self.config.kv_shm_name)
+
+    def free_request_state(self, request_id: str) -> None:
+        """Forget per-request state (the seeded generator) once a request is done."""
+        self.sampler.forget(request_id)
+
+    # -- KV blocks, for disaggregation -------------------------------------------------------
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """A copy of the given blocks: ``[L, 2, n, block_size, kv_heads, head_dim]``."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return self.kv_cache.index_select(2, idx)
+
+    def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Store ``kv`` (shaped as :meth:`read_blocks` returns) into the given blocks."""
+        expected = (*self.kv_shape[:2], len(block_ids), *self.kv_shape[3:])
+        if tuple(kv.shape) != expected:
+            raise ValueError(f"kv has shape {tuple(kv.shape)}, expected {expected}")
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        self.kv_cache.index_copy_(2, idx, kv.to(device=self.device, dtype=self.dtype))
+
+    # -- one step --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run every scheduled token in one forward; sample where ``sample`` is set."""
+        if out.is_empty:
+            return RunnerOutput()
+        batch = self._prepare(out.scheduled)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta,
+                            self.backend)
+        result = RunnerOutput()
+        if not batch.sample_rows:
+            return result
+        logits = self.model.compute_logits(hidden.index_select(0, batch.sample_indices))
+        sampled = self.sampler.sample(logits, batch.sample_rows)
+        for row, token_id, lp in zip(batch.sample_rows, sampled.token_ids, sampled.logprobs,
+                                     strict=True):
+            result.sampled_token_ids[row.request_id] = token_id
+            if lp is not None:
+                result.logprobs[row.request_id] = lp
+        return result
+
+    def _prepare(self, scheduled: list[ScheduledSequence]) -> _Batch:
+        # Multi-token chunks go first (one attention call each), single tokens last (batched).
+        prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        decodes = [s for s in scheduled if s.num_new_tokens == 1]
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        spans: list[PrefillSpan] = []
+        sample_idx: list[int] = []
+        rows: list[SampleRequest] = []
+        for s in prefills + decodes:
+            seq, end = s.seq, s.start + s.num_new_tokens
+            assert 0 < s.num_new_tokens and end <= seq.num_tokens, "bad schedule"
+            assert end <= self.max_model_len, "sequence longer than max_model_len"
+            assert len(seq.block_table) * bs >= end, "KV slots not allocated"
+            token_start = len(input_ids)
+            if s.num_new_tokens == 1:
+                input_ids.append(seq.token_id_at(s.start))
+            else:
+                input_ids += seq.token_ids[s.start:end]
+                spans.append(PrefillSpan(
+                    token_start, s.num_new_tokens, s.start,
+                    torch.tensor(seq.block_table[:-(-end // bs)], device=self.device)))
+            table = seq.block_table
+            for pos in range(s.start, end):
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+            if s.sample:
+                sample_idx.append(len(input_ids) - 1)
+                p = seq.params
+                rows.append(SampleRequest(seq.request_id, p,
+                                          seq.token_ids if p.repetition_penalty != 1.0 else ()))
+        dev = self.device
+        meta = AttentionMetadata(
+            block_size=bs, slot_mapping=torch.tensor(slots, device=dev), prefills=spans,
+            num_prefill_tokens=len(input_ids) - len(decodes))
+        if decodes:
+            self._add_decode_meta(meta, decodes)
+        return _Batch(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev),
+                      meta, torch.tensor(sample_idx, dtype=torch.long, device=dev), rows)
+
+    def _add_decode_meta(self, meta: AttentionMetadata,
+                         decodes: list[ScheduledSequence]) -> None:
+        bs = self.block_size
+        context_lens = [s.start + 1 for s in decodes]
+        num_blocks = [-(-c // bs) for c in context_lens]
+        width = max(num_blocks)
+        # Padding entries point at block 0; the mask hides them.
+        tables = [s.seq.block_table[:n] + [0] * (width - n)
+                  for s, n in zip(decodes, num_blocks, strict=True)]
+        lens = torch.tensor(context_lens, device=self.device)
+        meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
+        meta.decode_context_lens = lens
+        key_pos = torch.arange(width * bs, device=self.device)
+        meta.decode_mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]
