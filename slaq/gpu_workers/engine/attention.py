@@ -14,10 +14,13 @@ other, then all decodes (one token each).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from slaq.gpu_workers.engine.decode_cache import DecodeKVCache
 
 
 @dataclass(slots=True)
@@ -51,6 +54,9 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None  # long [B]
     # bool [B, 1, 1, max_blocks * block_size]; derived from the lengths when None
     decode_mask: torch.Tensor | None = None
+    # CPU: the decode batch's K/V kept contiguous across steps (used instead of the gather)
+    decode_kv: DecodeKVCache | None = None
+    layer_idx: int = 0  # set by the model before each layer's attention
 
     @property
     def num_decodes(self) -> int:
@@ -104,8 +110,8 @@ class TorchSDPABackend:
             sl = slice(span.token_start, span.token_start + span.num_tokens)
             out[sl] = self._prefill(q[sl], k[sl], v[sl], kv_cache, span, meta.block_size, scale)
         if meta.num_decodes:
-            out[meta.num_prefill_tokens:] = self._decode(
-                q[meta.num_prefill_tokens:], kv_cache, meta, scale)
+            n = meta.num_prefill_tokens
+            out[n:] = self._decode(q[n:], k[n:], v[n:], kv_cache, meta, scale)
         return out
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -128,9 +134,14 @@ class TorchSDPABackend:
                        attn_mask=mask, scale=scale)
         return o.squeeze(0).transpose(0, 1)
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        if meta.decode_kv is not None:
+            kc, vc = meta.decode_kv.layer_kv(meta.layer_idx, kv_cache, meta.decode_block_tables,
+                                             k, v, meta.block_size)
+            o = self._sdpa(q.unsqueeze(2), kc, vc, attn_mask=meta.decode_kv.mask, scale=scale)
+            return o.squeeze(2)
         # One gather for K and V: [2, B, max_blocks, bs, KVH, D] -> [2, B, KVH, S, D]
         kv = kv_cache[:, meta.decode_block_tables].flatten(2, 3).transpose(2, 3)
         kc, vc = kv[0], kv[1]
@@ -143,5 +154,11 @@ class TorchSDPABackend:
 
 
 def get_attention_backend(device: torch.device) -> AttentionBackend:
-    """The attention backend for a device. GPU kernels register here when they exist."""
+    """The attention backend for a device: the paged Triton kernel on CUDA when triton is
+    importable (it reads K/V from the pool without gather copies), else gather + SDPA."""
+    if device.type == "cuda":
+        from slaq.gpu_workers.engine.paged_attention import TritonPagedBackend, triton_available
+
+        if triton_available(device):
+            return TritonPagedBackend()
     return TorchSDPABackend(expand_kv=device.type == "cuda")

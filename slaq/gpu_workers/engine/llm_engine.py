@@ -97,6 +97,13 @@ class LLMEngine:
         if runner == "torch":
             from slaq.gpu_workers.engine.model_runner import ModelRunner
 
+            if self.config.device.startswith("cuda") and self.config.use_cuda_graphs:
+                from slaq.gpu_workers.engine.paged_attention import triton_available
+
+                if triton_available(self.config.device):
+                    from slaq.gpu_workers.engine.cuda_graphs import CudaGraphModelRunner
+
+                    return CudaGraphModelRunner(self.config, self.model_config)
             return ModelRunner(self.config, self.model_config)
         if runner == "sim":
             from slaq.gpu_workers.engine.cost_model import get_profile

@@ -1,0 +1,1 @@
+"""Benchmarks: ``slaq bench engine`` and ``slaq bench transfer`` (JSON, optional PNG)."""

@@ -1,0 +1,160 @@
+"""Decode steps replayed from CUDA graphs captured at bucketed batch sizes.
+
+A decode step of a small model is dominated by kernel launches (a dozen per layer), not by
+math: replaying a captured graph removes them. :class:`DecodeGraphs` captures the model's
+forward plus ``compute_logits`` for one decode token per sequence at each bucket size, over
+static input buffers; a step pads its batch up to the next bucket (padding rows write no KV:
+slot ``-1``; attend to nothing: context length 0). The paged Triton backend runs inside the
+graph with a fixed partition count, so one capture serves every context length up to
+``max_model_len``.
+
+:class:`CudaGraphModelRunner` is a :class:`ModelRunner` that uses it for decode-only steps and
+falls back to the eager path for steps with prefill chunks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from slaq.gpu_workers.engine.attention import AttentionMetadata
+from slaq.gpu_workers.engine.config import EngineConfig
+from slaq.gpu_workers.engine.model_runner import ModelRunner
+from slaq.gpu_workers.engine.models import ModelConfig
+from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from slaq.gpu_workers.engine.sampler import SampleRequest
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 384, 512)
+
+
+def bucket_sizes(max_batch_size: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> list[int]:
+    """The capture sizes for batches up to ``max_batch_size`` (the largest is included)."""
+    if max_batch_size < 1:
+        raise ValueError("max_batch_size must be >= 1")
+    sizes = [b for b in buckets if b < max_batch_size]
+    return [*sizes, max_batch_size]
+
+
+class DecodeGraphs:
+    """One captured graph per bucket; :meth:`run` pads, copies inputs in and replays."""
+
+    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int,
+                 max_model_len: int, max_batch_size: int) -> None:
+        from slaq.gpu_workers.engine.paged_attention import TritonPagedBackend
+
+        assert kv_cache.device.type == "cuda", "CUDA graphs need a CUDA pool"
+        self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
+        self.width = -(-max_model_len // block_size)
+        self.sizes = bucket_sizes(max_batch_size)
+        self.backend = TritonPagedBackend(max_context=self.width * block_size)
+        n, dev = self.sizes[-1], kv_cache.device
+        self._tokens = torch.zeros((3, n), dtype=torch.long, device=dev)  # ids, positions, slots
+        self._tables = torch.zeros((n, self.width), dtype=torch.int32, device=dev)
+        self._lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+        self.num_replays = 0
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.sizes[-1]
+
+    def _forward(self, n: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            block_size=self.block_size, slot_mapping=self._tokens[2, :n], prefills=[],
+            num_prefill_tokens=0, decode_block_tables=self._tables[:n],
+            decode_context_lens=self._lens[:n])
+        hidden = self.model(self._tokens[0, :n], self._tokens[1, :n], self.kv_cache, meta,
+                            self.backend)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first (smaller graphs reuse its memory pool)."""
+        self._tokens.zero_()
+        self._tokens[2].fill_(-1)  # capture writes no KV ...
+        self._lens.zero_()  # ... and attends to nothing
+        stream = torch.cuda.Stream(self.kv_cache.device)
+        stream.wait_stream(torch.cuda.current_stream(self.kv_cache.device))
+        with torch.cuda.stream(stream):
+            for n in reversed(self.sizes):
+                for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its kernels
+                    self._forward(n)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                    out = self._forward(n)
+                self._graphs[n] = (graph, out)
+        torch.cuda.current_stream(self.kv_cache.device).wait_stream(stream)
+        torch.cuda.synchronize(self.kv_cache.device)
+
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int],
+            block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits ``[len(token_ids), vocab]`` for one decode token per sequence."""
+        n = len(token_ids)
+        size = next(s for s in self.sizes if s >= n)
+        width = max(len(t) for t in block_tables)
+        tokens = np.zeros((3, size), dtype=np.int64)
+        tokens[0, :n], tokens[1, :n], tokens[2, :n] = token_ids, positions, slots
+        tokens[2, n:] = -1
+        tables = np.zeros((n, width), dtype=np.int32)
+        for i, t in enumerate(block_tables):
+            tables[i, :len(t)] = t
+        lens = np.zeros(size, dtype=np.int32)
+        lens[:n] = np.asarray(positions) + 1
+        # Entries of a table past its context are never read, so only [:n, :width] moves.
+        self._tokens[:, :size].copy_(torch.from_numpy(tokens), non_blocking=True)
+        self._tables[:n, :width].copy_(torch.from_numpy(tables), non_blocking=True)
+        self._lens[:size].copy_(torch.from_numpy(lens), non_blocking=True)
+        graph, out = self._graphs[size]
+        graph.replay()
+        self.num_replays += 1
+        return out[:n]
+
+
+class CudaGraphModelRunner(ModelRunner):
+    """:class:`ModelRunner` with the paged Triton backend and graph-replayed decode steps."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None) -> None:
+        from slaq.gpu_workers.engine.paged_attention import TritonPagedBackend
+
+        super().__init__(config, model_config)
+        if self.device.type != "cuda":
+            raise ValueError("CudaGraphModelRunner needs a CUDA device")
+        self.backend = TritonPagedBackend()
+        self.graphs: DecodeGraphs | None = None
+        if config.use_cuda_graphs:
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size,
+                                       self.max_model_len, config.scheduler.max_num_seqs)
+            self.graphs.capture()
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        g = self.graphs
+        if (g is None or out.is_empty or len(out.scheduled) > g.max_batch_size
+                or any(s.num_new_tokens != 1 or not s.sample for s in out.scheduled)):
+            return super().execute(out)
+        return self._execute_decode(out.scheduled)
+
+    def _execute_decode(self, scheduled: list[ScheduledSequence]) -> RunnerOutput:
+        assert self.graphs is not None
+        bs = self.block_size
+        ids, positions, slots, tables, rows = [], [], [], [], []
+        for s in scheduled:
+            seq, pos = s.seq, s.start
+            assert pos < self.max_model_len, "sequence longer than max_model_len"
+            table = seq.block_table
+            ids.append(seq.token_id_at(pos))
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            tables.append(table[:pos // bs + 1])
+            p = seq.params
+            rows.append(SampleRequest(seq.request_id, p,
+                                      seq.token_ids if p.repetition_penalty != 1.0 else ()))
+        logits = self.graphs.run(ids, positions, slots, tables)
+        sampled = self.sampler.sample(logits, rows)
+        result = RunnerOutput()
+        for row, token_id, lp in zip(rows, sampled.token_ids, sampled.logprobs, strict=True):
+            result.sampled_token_ids[row.request_id] = token_id
+            if lp is not None:
+                result.logprobs[row.request_id] = lp
+        return result
