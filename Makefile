@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check slaq tests
 
 test: $(STAMP) lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -340,7 +340,7 @@ def test_replay_azure_slice_against_slaq_up(database_url, redis_url, tiny_model_
     assert overall["sent"] == 20
     assert overall["sent"] == overall["finished"] + overall["refused"] + overall["lost"]
     assert overall["finished"] > 0, (rep["error_examples"], stack.log_path.read_text()[-3000:])
-    assert set(rep["tiers"]) <= {"priority", "default", "flex"} and rep["tiers"]
+    assert set(rep["tiers"]) <= {"priority", "default", "flex", "batch"} and rep["tiers"]
     assert sum(t["sent"] for t in rep["tiers"].values()) == 20
     for t in rep["tiers"].values():
         assert t["sent"] == t["finished"] + t["refused"] + t["lost"]
