@@ -6,6 +6,7 @@ sessions running side by side (helpers, CI) do not see each other's rows or keys
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -29,11 +30,13 @@ def _with_database(url: str, name: str) -> str:
     return make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    """A fresh database on the configured server, migrated to head, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new database on the configured server, migrated to head, dropped afterwards."""
     import psycopg
     from sqlalchemy.engine import make_url
+
+    from slaq.platform.db import dispose_engines, migrate
 
     server = make_url(_server_url())
     name = f"slaq_test_{uuid.uuid4().hex[:10]}"
@@ -42,15 +45,27 @@ def database_url() -> Iterator[str]:
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = _with_database(server.render_as_string(hide_password=False), name)
-    from slaq.platform.db import migrate
+    try:
+        migrate(url)
+        yield url
+    finally:
+        dispose_engines()
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    migrate(url)
-    yield url
-    from slaq.platform.db import dispose_engines
 
-    dispose_engines()
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """The session's database (shared by the tests of one run)."""
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_database_url() -> Iterator[str]:
+    """A database of the module's own, for tests that must not see other tests' rows."""
+    with fresh_database() as url:
+        yield url
 
 
 def _pid_alive(pid: str | None) -> bool:
@@ -74,11 +89,12 @@ def _take_redis_db(registry, db: int, owner: str) -> bool:
     return False
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A Redis db number of its own (1..15), flushed before and after the session.
+@contextlib.contextmanager
+def claimed_redis_db() -> Iterator[str]:
+    """A Redis db number (1..15) no other test session holds, flushed before and after.
 
-    Sessions running side by side each take a db by ``SET owner NX``, so they never share one.
+    Ownership lives in db 0 (``SET NX`` with the owner's pid), so a test that flushes its own
+    db cannot release it, and a claim whose process died is taken over.
     """
     import random
 
@@ -89,7 +105,6 @@ def redis_url() -> Iterator[str]:
     )
     root = base.rsplit("/", 1)[0] if base.count("/") > 2 else base
     owner = str(os.getpid())
-    # Ownership lives in db 0, so a test that flushes its own db cannot release it.
     registry = redis.Redis.from_url(f"{root}/0", decode_responses=True)
     dbs = list(range(1, 16))
     random.shuffle(dbs)
@@ -98,12 +113,27 @@ def redis_url() -> Iterator[str]:
         pytest.fail("all Redis test dbs 1..15 are taken by other test sessions")
     client = redis.Redis.from_url(f"{root}/{db}")
     client.flushdb()
-    yield f"{root}/{db}"
-    client.flushdb()
-    client.close()
-    registry.delete(f"slaq-test-db:{db}")
-    registry.close()
+    try:
+        yield f"{root}/{db}"
+    finally:
+        client.flushdb()
+        client.close()
+        registry.delete(f"slaq-test-db:{db}")
+        registry.close()
 
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The session's own Redis db."""
+    with claimed_redis_db() as url:
+        yield url
+
+
+@pytest.fixture()
+def private_redis_url() -> Iterator[str]:
+    """Another Redis db than the session's (whose queues other tests fill), for one test."""
+    with claimed_redis_db() as url:
+        yield url
 
 def _models_cache_dir() -> Path:
     # Kept between runs (the conversion is done once), outside the repo.

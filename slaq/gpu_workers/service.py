@@ -308,7 +308,7 @@ class WorkerService:
             progress.add(out)
             if not out.finished and time.monotonic() >= next_check:
                 next_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
-                if self.r.exists(cancel_key(item.request_id)):
+                if self._cancelled(item.request_id):
                     self.loop.abort(engine_request_id(item.request_id, attempt))
                     log.info("request %s cancelled by its client", item.request_id)
                     return
@@ -317,6 +317,12 @@ class WorkerService:
                 return
             if out.new_token_ids or out.new_text:
                 streams.append_tokens(self.r, item.request_id, out.new_token_ids, out.new_text)
+
+    def _cancelled(self, request_id: str) -> bool:
+        try:
+            return bool(self.r.exists(cancel_key(request_id)))
+        except redis.RedisError:  # Redis restarting: ask again at the next check
+            return False
 
     # -- endings ----------------------------------------------------------------------
     def _finish(self, item: WorkItem, attempt: int, progress: _Progress,

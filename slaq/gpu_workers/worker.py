@@ -99,6 +99,11 @@ def build_engine(opts: WorkerOptions, model_path: str, shm_name: str | None) -> 
                           cache=CacheConfig(num_blocks=opts.num_blocks), kv_shm_name=shm_name)
     from slaq.gpu_workers.engine.llm_engine import LLMEngine
 
+    if opts.engine_kind == "sim":
+        # Which hardware a sim worker stands in for (cost_model.PROFILES); env, not a flag,
+        # so that launchers and benchmarks can choose it without new CLI plumbing.
+        profile = os.environ.get("SLAQ_SIM_PROFILE") or "smollm2-135m-cpu"
+        return LLMEngine(config, runner="sim", sim_profile=profile)
     return LLMEngine(config, runner=opts.engine_kind)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import redis
@@ -23,6 +23,14 @@ from slaq.platform.keys import token_stream_key
 
 # Lifetime of a stream that is still being written; each append pushes it forward.
 STREAM_TTL_S = 3600
+# How long a writer or a reader rides out a Redis that is unreachable (e.g. restarting)
+# before giving up; a restart takes well under a second, a failover a few seconds.
+REDIS_OUTAGE_S = 30.0
+RETRY_PAUSE_S = 0.2
+# While a reader waits with nothing arriving, it asks the ledger this often whether the request
+# already ended (its final entry may have been lost with a Redis that restarted empty).
+LEDGER_CHECK_S = 2.0
+REDIS_DOWN_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 # Lifetime once the final entry is written.
 FINISHED_TTL_S = 600
 FINISH_REASONS = ("stop", "length")
@@ -42,6 +50,9 @@ class TokenDelta:
     error: str | None = None
     cached_tokens: int | None = None
     entry_id: str = field(default="", compare=False)
+    # The whole generation's token count, when the delta comes from the ledger's final row
+    # rather than the stream (never written to Redis).
+    completion_tokens: int | None = field(default=None, compare=False)
 
     @property
     def is_final(self) -> bool:
@@ -87,11 +98,20 @@ def _stream_entries(reply: list | dict) -> list:
 def _write(r: redis.Redis, request_id: str, delta: TokenDelta) -> str:
     key = token_stream_key(request_id)
     ttl = FINISHED_TTL_S if delta.is_final else STREAM_TTL_S
-    pipe = r.pipeline(transaction=True)
-    pipe.xadd(key, delta.to_fields())
-    pipe.expire(key, ttl)
-    entry_id, _ = pipe.execute()
-    return _text(entry_id)
+    give_up = time.monotonic() + REDIS_OUTAGE_S
+    while True:
+        try:
+            pipe = r.pipeline(transaction=True)
+            pipe.xadd(key, delta.to_fields())
+            pipe.expire(key, ttl)
+            entry_id, _ = pipe.execute()
+            return _text(entry_id)
+        except REDIS_DOWN_ERRORS:
+            # A generation outlives a Redis restart: wait for it rather than fail the request
+            # (at worst an entry is written twice, which readers tolerate).
+            if time.monotonic() >= give_up:
+                raise
+            time.sleep(RETRY_PAUSE_S)
 
 
 def append_tokens(r: redis.Redis, request_id: str, token_ids: list[int], text: str, *,
@@ -124,22 +144,50 @@ def read_tokens(r: redis.Redis, request_id: str, after: str = "0-0", *,
 
 
 def follow_tokens(r: redis.Redis, request_id: str, *, idle_timeout_s: float,
-                  block_ms: int = 1000) -> Iterator[TokenDelta]:
+                  block_ms: int = 1000,
+                  final_row: Callable[[str], TokenDelta | None] | None = None
+                  ) -> Iterator[TokenDelta]:
     """Yield deltas as they arrive until the final one (included).
 
     Raises :class:`StreamTimeout` when nothing arrives for ``idle_timeout_s`` seconds. Blocking
     reads are short (``block_ms``) so that a closed generator frees its connection promptly.
+
+    A Redis that goes away is waited for (up to :data:`REDIS_OUTAGE_S`). A Redis restarted
+    without persistence has lost the stream, perhaps its final entry: ``final_row(text_so_far)``
+    — the request's end as the ledger records it, or None while it is still running — is asked
+    after every outage and every :data:`LEDGER_CHECK_S` without an entry; what it returns is
+    yielded as the final delta.
     """
     after = "0-0"
-    last_progress = time.monotonic()
+    text_so_far: list[str] = []
+    last_progress = last_check = time.monotonic()
+    down_since: float | None = None
     while True:
-        deltas = read_tokens(r, request_id, after, block_ms=block_ms)
+        try:
+            deltas = read_tokens(r, request_id, after, block_ms=block_ms)
+        except REDIS_DOWN_ERRORS:
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > REDIS_OUTAGE_S:
+                raise
+            time.sleep(RETRY_PAUSE_S)
+            continue
+        if down_since is not None:
+            # Entries written before the outage may be gone: time the idleness from now.
+            down_since, last_progress, last_check = None, time.monotonic(), 0.0
         if not deltas:
-            if time.monotonic() - last_progress > idle_timeout_s:
+            now = time.monotonic()
+            if final_row is not None and now - last_check >= LEDGER_CHECK_S:
+                last_check = now
+                final = final_row("".join(text_so_far))
+                if final is not None:
+                    yield final
+                    return
+            if now - last_progress > idle_timeout_s:
                 raise StreamTimeout(f"no tokens for request {request_id} in {idle_timeout_s}s")
             continue
-        last_progress = time.monotonic()
+        last_progress = last_check = time.monotonic()
         for delta in deltas:
+            text_so_far.append(delta.text)
             yield delta
             if delta.is_final:
                 return

@@ -82,6 +82,13 @@ def celery_config(settings: Settings, extra_queues: tuple[str, ...] = ()) -> dic
             "queue_order_strategy": "priority",
             # An un-acked ticket is redelivered after this long even while still running.
             "visibility_timeout": settings.visibility_timeout_s,
+            # No ack emulation (no ``unacked`` hash): with it, a broker connection lost while
+            # acks_late tickets run makes kombu restore them through the dead connection, which
+            # raises and kills the worker (every busy worker dies when Redis restarts). A ticket
+            # taken by a worker that then dies is recovered from the ledger by the
+            # reprioritiser's orphan sweep instead (claims keep redelivery idempotent), so the
+            # visibility timeout above no longer applies on Redis.
+            "ack_emulation": False,
         },
         "task_queues": [make_queue(n) for n in dict.fromkeys(names)],
         "task_queue_max_priority": NUM_PRIORITIES - 1,

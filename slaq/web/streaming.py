@@ -52,20 +52,48 @@ def _timeout_message(admitted: Admitted, idle_timeout_s: float) -> str:
             f"the '{admitted.tier}' tier's workers may be saturated or down.")
 
 
+def ledger_final_row(ctx: WebContext, request_id: str) -> Callable[[str], TokenDelta | None]:
+    """For :func:`follow_tokens`: the request's end as the ledger records it (None while it
+    runs), so that a stream lost with a restarted Redis still ends, with the text not yet
+    relayed (``text_so_far`` is what the stream delivered)."""
+    from slaq.platform.ledger import get_request
+    from slaq.platform.models import FINISHED, TERMINAL_STATES
+
+    def final_row(text_so_far: str) -> TokenDelta | None:
+        with ctx.session_factory() as session:
+            row = get_request(session, request_id)
+            if row is None or row.state not in TERMINAL_STATES:
+                return None
+            if row.state != FINISHED:
+                return TokenDelta([], "", error=row.error or f"the request was {row.state}")
+            text = row.output_text or ""
+            rest = text[len(text_so_far):] if text.startswith(text_so_far) else ""
+            return TokenDelta([], rest, finish_reason=row.finish_reason or "stop",
+                              cached_tokens=row.cached_tokens,
+                              completion_tokens=row.completion_tokens)
+
+    return final_row
+
+
 def collect(r: redis.Redis, admitted: Admitted, *, idle_timeout_s: float,
-            on_abandon: Callable[[str], None] | None = None) -> Completed:
+            on_abandon: Callable[[str], None] | None = None,
+            final_row: Callable[[str], TokenDelta | None] | None = None) -> Completed:
     """Wait for the whole generation; raises ApiError on a worker error or a timeout.
 
     ``on_abandon(request_id)`` runs when we stop waiting (timeout): nobody will read the rest.
+    ``final_row`` is :func:`follow_tokens`' fallback to the ledger.
     """
     parts: list[str] = []
     num_tokens = 0
     try:
-        for delta in follow_tokens(r, admitted.request_id, idle_timeout_s=idle_timeout_s):
+        for delta in follow_tokens(r, admitted.request_id, idle_timeout_s=idle_timeout_s,
+                                   final_row=final_row):
             if delta.error is not None:
                 raise server_error(f"Generation failed: {delta.error}")
             parts.append(delta.text)
             num_tokens += len(delta.token_ids)
+            if delta.completion_tokens is not None:
+                num_tokens = delta.completion_tokens
             if delta.finish_reason is not None:
                 return Completed("".join(parts), num_tokens, delta.finish_reason,
                                  delta.cached_tokens or 0)
@@ -103,6 +131,8 @@ class SseRelay:
             yield SSE_DONE
             return
         self.num_tokens += len(delta.token_ids)
+        if delta.completion_tokens is not None:
+            self.num_tokens = delta.completion_tokens
         # A delta may hold ids whose text is not complete yet (a split multi-byte character);
         # the first token is still sent at once, as the role-carrying chunk.
         if delta.text or (delta.token_ids and not self.sent_first):
@@ -120,11 +150,13 @@ class SseRelay:
 
 def relay_sse(r: redis.Redis, meta: ResponseMeta, admitted: Admitted, *, include_usage: bool,
               idle_timeout_s: float,
-              on_abandon: Callable[[str], None] | None = None) -> Iterator[str]:
+              on_abandon: Callable[[str], None] | None = None,
+              final_row: Callable[[str], TokenDelta | None] | None = None) -> Iterator[str]:
     """SSE frames for the whole generation.
 
     ``on_abandon(request_id)`` runs when the client goes away before the end (the server closes
-    this generator) or no token comes in time, so the work can be cancelled.
+    this generator) or no token comes in time, so the work can be cancelled. ``final_row`` is
+    :func:`follow_tokens`' fallback to the ledger.
     """
     relay = SseRelay(meta, admitted, include_usage)
     completed = False
@@ -132,7 +164,8 @@ def relay_sse(r: redis.Redis, meta: ResponseMeta, admitted: Admitted, *, include
     # token (it writes no body bytes, so no client sees an extra event).
     yield ""
     try:
-        for delta in follow_tokens(r, admitted.request_id, idle_timeout_s=idle_timeout_s):
+        for delta in follow_tokens(r, admitted.request_id, idle_timeout_s=idle_timeout_s,
+                                   final_row=final_row):
             yield from relay.frames(delta)
         completed = True
     except StreamTimeout:
@@ -160,10 +193,12 @@ def answer(req: GenerationRequest) -> Response:
     timeout = ctx.idle_timeout_s(admitted)
     if req.stream:
         frames = relay_sse(ctx.redis, meta, admitted, include_usage=req.include_usage,
-                           idle_timeout_s=timeout, on_abandon=_cancel_quietly(ctx))
+                           idle_timeout_s=timeout, on_abandon=_cancel_quietly(ctx),
+                           final_row=ledger_final_row(ctx, admitted.request_id))
         return Response(stream_with_context(frames), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    done = collect(ctx.redis, admitted, idle_timeout_s=timeout, on_abandon=_cancel_quietly(ctx))
+    done = collect(ctx.redis, admitted, idle_timeout_s=timeout, on_abandon=_cancel_quietly(ctx),
+                   final_row=ledger_final_row(ctx, admitted.request_id))
     return jsonify(completion_response(meta, admitted, done))
 
 

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import MappingProxyType
 
-import psycopg
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import select, text
-from sqlalchemy.engine import make_url
 
-from slaq.platform.db import dispose_engines, migrate, session_factory
+from slaq.platform.db import session_factory
 from slaq.platform.decisions import (
     AdmissionCache,
     AdmissionState,
@@ -43,29 +40,16 @@ from slaq.platform.tiers import TIER_NAMES
 
 
 @pytest.fixture(scope="module")
-def db_url(database_url: str) -> Iterator[str]:
-    """A migrated database of this module's own (the session's has other tests' rows)."""
-    server = make_url(database_url)
-    name = f"slaq_test_{uuid.uuid4().hex[:10]}"
-    admin = server.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = server.set(database=name).render_as_string(hide_password=False)
-    migrate(url)
-    yield url
-    dispose_engines()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def db_url(module_database_url: str) -> str:
+    """The module's own database: the session's has other tests' rows (and the web tests'
+    scripted worker claims queued ones)."""
+    return module_database_url
 
 
 @pytest.fixture()
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    """Another db number than the session's, flushed before and after."""
-    base, _, db = redis_url.rpartition("/")
-    client = redis.Redis.from_url(f"{base}/{1 + (int(db or 0) + 7) % 15}")
-    client.flushdb()
+def r(private_redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(private_redis_url)
     yield client
-    client.flushdb()
     client.close()
 
 

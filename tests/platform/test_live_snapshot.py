@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import psycopg
 import pytest
 import redis
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 from slaq.gpu_workers.heartbeat import publish
 from slaq.platform import ledger
-from slaq.platform.db import dispose_engines, migrate, session_factory
+from slaq.platform.db import session_factory
 from slaq.platform.decisions import remember_tickets
 from slaq.platform.live_snapshot import BrokerDepths, LiveSnapshotSource, read_heartbeats
 from slaq.platform.policy import PolicyConfig
@@ -31,20 +28,10 @@ CONFIG = PolicyConfig(orphan_timeout_s=30.0, heartbeat_max_age_s=3.0)
 
 
 @pytest.fixture(scope="module")
-def db_url(database_url: str) -> Iterator[str]:
-    """A migrated database of this module's own: the session's has other tests' rows (and a
-    scripted worker of the web tests that claims queued ones)."""
-    server = make_url(database_url)
-    name = f"slaq_test_{uuid.uuid4().hex[:10]}"
-    admin = server.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = server.set(database=name).render_as_string(hide_password=False)
-    migrate(url)
-    yield url
-    dispose_engines()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def db_url(module_database_url: str) -> str:
+    """The module's own database: the session's has other tests' rows (and the web tests'
+    scripted worker claims queued ones)."""
+    return module_database_url
 
 
 @pytest.fixture()
@@ -57,15 +44,8 @@ def factory(db_url: str):
 
 
 @pytest.fixture()
-def rurl(redis_url: str) -> Iterator[str]:
-    """Another db number than the session's (whose queues other tests fill), flushed."""
-    base, _, db = redis_url.rpartition("/")
-    url = f"{base}/{1 + (int(db or 0) + 7) % 15}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+def rurl(private_redis_url: str) -> str:
+    return private_redis_url
 
 
 @pytest.fixture()

@@ -86,8 +86,8 @@ def _drain(app, queue_names: list[str], limit: int) -> list[dict]:
     return got
 
 
-def test_tickets_land_on_tier_queues_and_obey_priority(redis_url):
-    app = create_app(Settings(redis_url=redis_url))
+def test_tickets_land_on_tier_queues_and_obey_priority(private_redis_url):
+    app = create_app(Settings(redis_url=private_redis_url))
     tiers = TierTable()
     # Same queue, three priorities: the most urgent (lowest number) must come out first.
     send_prefill_ticket("r-late", 1, "default", app=app, tiers=tiers, priority=9)
@@ -98,8 +98,8 @@ def test_tickets_land_on_tier_queues_and_obey_priority(redis_url):
     assert [m["priority"] for m in got] == [0, tiers["default"].queue_priority, 9]
 
 
-def test_prefill_worker_drains_queues_in_tier_order(redis_url):
-    app = create_app(Settings(redis_url=redis_url))
+def test_prefill_worker_drains_queues_in_tier_order(private_redis_url):
+    app = create_app(Settings(redis_url=private_redis_url))
     tiers = TierTable()
     for i, tier in enumerate(["batch", "flex", "default", "priority"]):
         send_prefill_ticket(f"r{i}", 0, tier, app=app, tiers=tiers)
@@ -107,8 +107,8 @@ def test_prefill_worker_drains_queues_in_tier_order(redis_url):
     assert [m["args"][0] for m in got] == ["r3", "r2", "r1", "r0"]
 
 
-def test_decode_ticket_routes_to_worker_queue(redis_url):
-    app = create_app(Settings(redis_url=redis_url))
+def test_decode_ticket_routes_to_worker_queue(private_redis_url):
+    app = create_app(Settings(redis_url=private_redis_url))
     send_decode_ticket("r9", 3, "dec-7", app=app)
     send_decode_ticket("r10", 1, None, app=app)
     assert _drain(app, ["decode.dec-7"], 1)[0]["args"] == ["r9", 3]
