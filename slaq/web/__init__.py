@@ -12,6 +12,7 @@ own context length), ``TIERS_FILE``, ``STREAM_IDLE_TIMEOUT_S`` (default: the tie
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ EXTENSION = "slaq"
 # Prompts are token-limited later; this only stops absurd bodies early (413).
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
+
+log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class WebContext:
@@ -61,7 +64,8 @@ class WebContext:
             try:
                 self.redis.set(cancel_key(request_id), 1, ex=CANCEL_KEY_TTL_S)
             except redis.RedisError:
-                pass
+                # The worker then generates to the end; its finish claim fails on the row.
+                log.warning("could not signal the cancel of %s to its worker", request_id)
 
 
 CANCEL_KEY_TTL_S = 3600
