@@ -3,7 +3,8 @@
 The model calls ``backend.forward(q, k, v, kv_cache, meta)`` once per layer. A backend first
 writes the new keys/values into the pool at ``meta.slot_mapping`` and then attends each query to
 everything its sequence has in the cache. :class:`TorchSDPABackend` is the portable path
-(gather the blocks of each sequence, then ``scaled_dot_product_attention``); a paged
+(gather the blocks of each sequence, then ``scaled_dot_product_attention``; on CPU decodes
+read a contiguous copy of the batch's K/V kept across steps, ``meta.decode_kv``); a paged
 Triton/FlexAttention kernel plugs in by implementing :class:`AttentionBackend` and being
 returned from :func:`get_attention_backend` for its device.
 
@@ -105,6 +106,8 @@ class TorchSDPABackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(k, v, kv_cache, meta.slot_mapping)
+        if not meta.prefills:  # decode-only step: no output to assemble
+            return self._decode(q, k, v, kv_cache, meta, scale)
         out = torch.empty_like(q)
         for span in meta.prefills:
             sl = slice(span.token_start, span.token_start + span.num_tokens)

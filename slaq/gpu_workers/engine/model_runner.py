@@ -18,6 +18,7 @@ from slaq.gpu_workers.engine.attention import (
     get_attention_backend,
 )
 from slaq.gpu_workers.engine.config import EngineConfig
+from slaq.gpu_workers.engine.decode_cache import DecodeKVCache
 from slaq.gpu_workers.engine.kv_pool import allocate_pool, open_shm_pool, unlink_shm_pool
 from slaq.gpu_workers.engine.loader import load_model, load_model_config, torch_dtype
 from slaq.gpu_workers.engine.models import ModelConfig
@@ -25,6 +26,9 @@ from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, Sch
 from slaq.gpu_workers.engine.sampler import Sampler, SampleRequest
 
 __all__ = ["ModelRunner", "open_shm_pool"]
+
+# CPU: bytes the contiguous copy of the decode batch's K/V may take (see decode_cache).
+DECODE_KV_BYTES = 2 * 1024 ** 3
 
 
 @dataclass(slots=True)
@@ -52,6 +56,11 @@ class ModelRunner:
         self.sampler = Sampler(self.device)
         self.num_blocks = config.cache.num_blocks or self._blocks_from_memory()
         self.kv_cache = allocate_pool(self.kv_shape, self.dtype, self.device, config.kv_shm_name)
+        mc = self.model_config
+        # GPUs read the pool in place (paged kernels); on CPU a persistent copy beats a gather.
+        self.decode_kv = (DecodeKVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype,
+                                        self.device, DECODE_KV_BYTES)
+                          if self.device.type == "cpu" else None)
 
     @property
     def kv_shape(self) -> tuple[int, ...]:
@@ -99,6 +108,8 @@ class ModelRunner:
             raise ValueError(f"kv has shape {tuple(kv.shape)}, expected {expected}")
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         self.kv_cache.index_copy_(2, idx, kv.to(device=self.device, dtype=self.dtype))
+        if self.decode_kv is not None:
+            self.decode_kv.invalidate()
 
     # -- one step --------------------------------------------------------------------------
 
@@ -126,6 +137,9 @@ class ModelRunner:
         # Multi-token chunks go first (one attention call each), single tokens last (batched).
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
+        dkv = self.decode_kv
+        if dkv is not None and any(dkv.touches(s.seq) for s in prefills):
+            dkv.invalidate()  # its KV is being recomputed: the copy may not follow it
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -176,5 +190,9 @@ class ModelRunner:
         lens = torch.tensor(context_lens, device=self.device)
         meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
         meta.decode_context_lens = lens
+        dkv = self.decode_kv
+        if dkv is not None and dkv.plan([s.seq for s in decodes], context_lens):
+            meta.decode_kv = dkv
+            return
         key_pos = torch.arange(width * bs, device=self.device)
         meta.decode_mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]

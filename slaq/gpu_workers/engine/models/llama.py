@@ -174,7 +174,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        # In place: at a prefill chunk of thousands of tokens each temporary is ~100 MB.
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -224,6 +225,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions)
         for i, layer in enumerate(self.layers):
+            meta.layer_idx = i
             x = layer(x, rope, kv_caches[i], meta, backend)
         return self.norm(x)
 

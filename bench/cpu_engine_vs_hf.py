@@ -1,0 +1,103 @@
+"""CPU check of the issue's target: our engine vs HF ``generate`` in the same invocation.
+
+SmolLM2-135M (fp32), 32 requests with prompts spread over 64..512 tokens, 128 new tokens each,
+greedy, EOS ignored. HF runs one left-padded batch with an explicit attention mask; our engine
+takes all requests at once. Rounds alternate which side goes first, so background load on a
+shared machine hits both alike; the JSON has every round's figures and their ratio.
+
+    python bench/cpu_engine_vs_hf.py [--rounds 2] [--batch 32] [--new-tokens 128] [--out f]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from slaq.bench.cli import resolve_model
+from slaq.bench.engine import (
+    EngineBenchConfig,
+    _num_blocks,
+    _prompts,
+    build_engine,
+    load_hf,
+    parity,
+    run_hf,
+    run_ours,
+)
+
+
+def _run_gather(engine, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Our engine with the decode K/V copy switched off: every decode step gathers."""
+    saved, engine.runner.decode_kv = engine.runner.decode_kv, None
+    try:
+        return run_ours(engine, prompts, new_tokens, "cpu")
+    finally:
+        engine.runner.decode_kv = saved
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt-len", default="64:512")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--with-gather", action="store_true",
+                    help="also run our engine with the CPU decode K/V copy off (the gather "
+                         "path it replaced), in the same rounds")
+    args = ap.parse_args()
+    lo, _, hi = args.prompt_len.partition(":")
+    cfg = EngineBenchConfig(model=resolve_model(args.model), batch_sizes=(args.batch,),
+                            prompt_len=(int(lo), int(hi or lo)), new_tokens=args.new_tokens,
+                            prefill_batch=0)
+    hf_model = load_hf(cfg)
+    engine = build_engine(cfg, "eager", args.batch, _num_blocks(cfg))
+    prompts = _prompts(cfg, args.batch, engine.model_config.vocab_size, cfg.seed + args.batch)
+    run_hf(hf_model, prompts[:2], 2, "cpu")  # warm up both
+    run_ours(engine, prompts[:2], 4, "cpu")
+    rounds = []
+    for r in range(args.rounds):
+        order = ("hf", "ours") if r % 2 == 0 else ("ours", "hf")
+        res = {}
+        for side in order:
+            res[side] = (run_hf(hf_model, prompts, cfg.new_tokens, "cpu") if side == "hf"
+                         else run_ours(engine, prompts, cfg.new_tokens, "cpu"))
+        gather = _run_gather(engine, prompts, cfg.new_tokens) if args.with_gather else None
+        rounds.append({
+            "order": list(order),
+            "hf_tok_per_s": res["hf"]["output_tok_per_s"],
+            "hf_seconds": res["hf"]["seconds"],
+            "ours_tok_per_s": res["ours"]["output_tok_per_s"],
+            "ours_seconds": res["ours"]["seconds"],
+            "ours_time_to_all_first_tokens_s": res["ours"]["time_to_all_first_tokens_s"],
+            "ours_decode_tok_per_s": res["ours"]["decode_tok_per_s"],
+            "speedup_vs_hf": round(res["ours"]["output_tok_per_s"]
+                                   / res["hf"]["output_tok_per_s"], 2),
+            "greedy_parity": parity(res["ours"]["tokens"], res["hf"]["tokens"]),
+        })
+        if gather is not None:
+            rounds[-1]["ours_gather_tok_per_s"] = gather["output_tok_per_s"]
+            rounds[-1]["ours_gather_speedup_vs_hf"] = round(
+                gather["output_tok_per_s"] / res["hf"]["output_tok_per_s"], 2)
+            rounds[-1]["ours_gather_parity"] = parity(gather["tokens"], res["hf"]["tokens"])
+        print(json.dumps(rounds[-1]), flush=True)
+    result = {
+        "bench": "cpu_engine_vs_hf", "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "model": cfg.model, "batch": args.batch,
+        "prompt_len": list(cfg.prompt_len), "new_tokens": cfg.new_tokens,
+        "rounds": rounds,
+        "median_speedup_vs_hf": statistics.median(r["speedup_vs_hf"] for r in rounds),
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
