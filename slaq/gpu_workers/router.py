@@ -14,30 +14,11 @@ import time
 import redis
 
 from slaq.platform.decisions import choose_decode_worker, read_routing
-from slaq.platform.keys import heartbeat_key
-from slaq.platform.pressure import Heartbeat
+from slaq.platform.live_snapshot import read_heartbeats
 
 log = logging.getLogger(__name__)
 
-
-def read_heartbeats(client: redis.Redis) -> list[Heartbeat]:
-    """Every worker's current heartbeat (malformed ones are skipped)."""
-    pattern = heartbeat_key("*")
-    keys = list(client.scan_iter(match=pattern, count=500))
-    if not keys:
-        return []
-    pipe = client.pipeline(transaction=False)
-    for key in keys:
-        pipe.hgetall(key)
-    out: list[Heartbeat] = []
-    for key, raw in zip(keys, pipe.execute(), strict=True):
-        if not raw:
-            continue  # expired between SCAN and HGETALL
-        try:
-            out.append(Heartbeat.from_mapping(raw))
-        except ValueError:
-            log.warning("skipping malformed heartbeat %r", key)
-    return out
+__all__ = ["DecodeRouter", "read_heartbeats"]
 
 
 class DecodeRouter:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slaq.platform.services import resolve_settings
 from slaq.platform.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,20 +68,6 @@ class WorkerOptions:
         return self.name or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
 
 
-def _resolve_services(settings: Settings) -> Settings:
-    """Fill in database/redis URLs from the embedded services when they are not configured."""
-    if settings.database_url and settings.redis_url:
-        return settings
-    from dataclasses import replace
-
-    from slaq.platform.services import ensure_services
-
-    services = ensure_services(settings)
-    return replace(settings, database_url=settings.database_url or services.database_url,
-                   redis_url=settings.redis_url or services.redis_url,
-                   broker_url=settings.broker_url or services.broker_url)
-
-
 def _model_path(settings: Settings) -> str:
     if Path(settings.model).is_dir():
         return str(settings.model)
@@ -116,7 +103,7 @@ def run_worker(role: str, device: str = "cpu", name: str | None = None,
     opts = WorkerOptions(role=role, device=device, name=name, concurrency=concurrency,
                          engine_kind=engine_kind, num_blocks=num_blocks,
                          max_num_seqs=max_num_seqs, transport=transport, loglevel=loglevel)
-    settings = _resolve_services(settings or Settings.from_env())
+    settings = resolve_settings(settings or Settings.from_env())
     runtime = WorkerRuntime(opts, settings, model_path=_model_path(settings),
                             build_engine=build_engine)
     with runtime:

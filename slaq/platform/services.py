@@ -24,7 +24,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -255,3 +255,14 @@ def ensure_services(settings: Settings) -> Services:
     return Services(database_url=database_url, redis_url=redis_url,
                     broker_url=settings.broker_url or redis_url, postgres=postgres,
                     redis=embedded_redis)
+
+
+def resolve_settings(settings: Settings) -> Settings:
+    """``settings`` with database/redis/broker URLs filled in from the embedded services when
+    they are not configured (a worker or beat started on its own, outside ``slaq up``)."""
+    if settings.database_url and settings.redis_url:
+        return settings
+    services = ensure_services(settings)
+    return replace(settings, database_url=settings.database_url or services.database_url,
+                   redis_url=settings.redis_url or services.redis_url,
+                   broker_url=settings.broker_url or services.broker_url)

@@ -15,26 +15,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import replace
 
 from celery import Celery
 
+from slaq.platform.services import resolve_settings
 from slaq.platform.settings import Settings
 from slaq.tasks.config import CONTROL_QUEUE, beat_schedule
 
 log = logging.getLogger(__name__)
-
-
-def resolve_services(settings: Settings) -> Settings:
-    """Fill in database/redis/broker URLs from the embedded services when not configured."""
-    if settings.database_url and settings.redis_url:
-        return settings
-    from slaq.platform.services import ensure_services
-
-    services = ensure_services(settings)
-    return replace(settings, database_url=settings.database_url or services.database_url,
-                   redis_url=settings.redis_url or services.redis_url,
-                   broker_url=settings.broker_url or services.broker_url)
 
 
 def create_control_app(settings: Settings) -> Celery:
@@ -61,7 +49,7 @@ def run_beat(settings: Settings, *, loglevel: str = "INFO",
 
     from slaq.tasks import reprioritise
 
-    settings = resolve_services(settings)
+    settings = resolve_settings(settings)
     app = create_control_app(settings)
     reprioritise.set_current(reprioritise.build_reprioritiser(settings, app=app))
     port = metrics_port or int(os.environ.get("SLAQ_BEAT_METRICS_PORT") or 0)

@@ -333,9 +333,9 @@ def current() -> Reprioritiser:
     global _current
     with _current_lock:
         if _current is None:
-            from slaq.tasks.beat import resolve_services
+            from slaq.platform.services import resolve_settings
 
-            _current = build_reprioritiser(resolve_services(Settings.from_env()))
+            _current = build_reprioritiser(resolve_settings(Settings.from_env()))
         return _current
 
 
