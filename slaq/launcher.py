@@ -6,7 +6,6 @@ them in order (API first so no new work arrives, workers next, services last).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from rich.console import Console
 from slaq.platform.settings import Settings
 
 READY_TIMEOUT_S = 600.0
+FIRST_CYCLE_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -102,12 +102,15 @@ class Launcher:
             name = f"{role}-{i}"
             children.append(Child(name, [*slaq, "worker", "--role", role, "--device", p.device,
                                          "--name", name], logs / f"{name}.log"))
-        if importlib.util.find_spec("slaq.tasks.beat") is not None:
-            children.append(Child("beat", [*slaq, "beat"], logs / "beat.log"))
+        # Beat is the last to start: a reprioritiser cycle that runs before any worker's
+        # heartbeat sees no prefill capacity and would hold back the first requests.
+        children.append(Child("beat", [*slaq, "beat"], logs / "beat.log"))
         return children
 
-    def _spawn(self, env: dict[str, str]) -> None:
+    def _spawn(self, env: dict[str, str], names: set[str]) -> None:
         for child in self.children:
+            if child.name not in names:
+                continue
             child.log_file = open(child.log_path, "ab")  # noqa: SIM115 - closed in _stop_children
             child.proc = subprocess.Popen(child.argv, env=env, stdout=child.log_file,
                                           stderr=subprocess.STDOUT, start_new_session=True)
@@ -139,6 +142,23 @@ class Launcher:
                 time.sleep(0.5)
         return False
 
+    def _wait_first_cycle(self, services, since: float) -> bool:
+        """Wait for beat's first reprioritiser cycle after ``since`` (its state is saved)."""
+        from slaq.tasks.reprioritise import load_state
+
+        r = redis.Redis.from_url(services.redis_url)
+        deadline = time.monotonic() + FIRST_CYCLE_TIMEOUT_S
+        while time.monotonic() < deadline and not self._stopping:
+            dead = self._dead_child()
+            if dead is not None:
+                self._report_death(dead)
+                return False
+            state = load_state(r)
+            if state is not None and (state.policy.time or 0.0) >= since:
+                return True
+            time.sleep(0.2)
+        return False
+
     def _report_death(self, child: Child) -> None:
         self.console.print(f"[red]{child.name} exited with {child.proc.returncode}[/]; "
                            f"last lines of {child.log_path}:")
@@ -155,8 +175,13 @@ class Launcher:
         services, model_path, key = self._prepare()
         self.children = self._plan_children()
         try:
-            self._spawn(self._child_env(services, model_path))
+            env = self._child_env(services, model_path)
+            self._spawn(env, {c.name for c in self.children if c.name != "beat"})
             if not self._wait_ready(services):
+                return 0 if self._stopping else 1
+            beat_started = time.time()
+            self._spawn(env, {"beat"})
+            if not self._wait_first_cycle(services, beat_started):
                 return 0 if self._stopping else 1
             self._print_ready(key)
             while not self._stopping:
