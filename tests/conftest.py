@@ -68,6 +68,20 @@ def module_database_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture()
+def clean_ledger(module_database_url: str):
+    """A session factory over the module's database with no requests or decisions in it."""
+    from sqlalchemy import text
+
+    from slaq.platform.db import session_factory
+
+    factory = session_factory(module_database_url)
+    with factory() as session:
+        session.execute(text("TRUNCATE requests, scheduling_decisions"))
+        session.commit()
+    return factory
+
+
 def _pid_alive(pid: str | None) -> bool:
     try:
         os.kill(int(pid), 0)

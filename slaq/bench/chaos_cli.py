@@ -7,6 +7,8 @@ import os
 
 import click
 
+from slaq.bench.serve_cli import trace_options
+
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
@@ -24,20 +26,9 @@ def _model_path(model: str | None) -> str:
 
 
 @click.command("chaos")
-@click.option("--trace", "trace_name", default="azure", show_default=True,
-              help="azure | mooncake | PATH.")
-@click.option("--start-s", default=0.0, show_default=True, type=float)
-@click.option("--duration-s", default=600.0, show_default=True, type=float,
-              help="Seconds of the original trace to take.")
-@click.option("--time-scale", default=2.0, show_default=True, type=float,
-              help="Compress arrivals: rate multiplied by this.")
-@click.option("--token-scale", default=0.25, show_default=True, type=float,
-              help="Multiply prompt and output lengths (the CPU relays every token).")
-@click.option("--max-input-tokens", default=1536, show_default=True, type=int)
-@click.option("--max-output-tokens", default=256, show_default=True, type=int)
-@click.option("--tier-mix", default=None, help="e.g. priority=0.2,default=0.5,flex=0.3")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--max-requests", default=100_000, show_default=True, type=int)
+# Tokens scaled down: the CPU API relays every token of four simulated GPUs.
+@trace_options(duration_s=600.0, time_scale=2.0, token_scale=0.25, max_input_tokens=1536,
+               max_output_tokens=256, max_requests=100_000)
 @click.option("--workers", "num_workers", default=4, show_default=True, type=int)
 @click.option("--sim-profile", default="llama-8b-h100", show_default=True,
               help="Hardware each sim worker stands in for (cost-model profile).")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -79,28 +80,48 @@ def build_trace(trace: str, start_s: float, duration_s: float | None, time_scale
     return traces.Trace(t.name, t.requests[:max_requests])
 
 
+def trace_options(*, duration_s: float, time_scale: float, token_scale: float,
+                  max_input_tokens: int | None, max_output_tokens: int | None,
+                  max_requests: int) -> Callable[[Callable], Callable]:
+    """The trace-selection options shared by ``bench serve`` and ``bench chaos`` (each with
+    its own defaults): which trace, which slice, how scaled, which tier mix."""
+    options = [
+        click.option("--trace", "trace_name", default="azure", show_default=True,
+                     help="azure | mooncake | PATH (.csv Azure, .jsonl Mooncake)."),
+        click.option("--start-s", default=0.0, show_default=True, type=float,
+                     help="Where in the original trace to start (s)."),
+        click.option("--duration-s", default=duration_s, show_default=True, type=float,
+                     help="Seconds of the original trace to take."),
+        click.option("--time-scale", default=time_scale, show_default=True, type=float,
+                     help="Compress arrivals: rate multiplied by this."),
+        click.option("--token-scale", default=token_scale, show_default=True, type=float,
+                     help="Multiply prompt and output lengths."),
+        click.option("--max-input-tokens", default=max_input_tokens, show_default=True,
+                     type=int, help="Clip prompt lengths."),
+        click.option("--max-output-tokens", default=max_output_tokens, show_default=True,
+                     type=int, help="Clip output lengths."),
+        click.option("--tier-mix", default=None,
+                     help="e.g. priority=0.2,default=0.5,flex=0.3 (default 20/50/15/15)."),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--max-requests", default=max_requests, show_default=True, type=int),
+    ]
+
+    def apply(fn: Callable) -> Callable:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
 @click.command("serve")
 @click.option("--base-url", default="http://127.0.0.1:8000", show_default=True,
               help="The slaq API (without /v1).")
 @click.option("--api-key", envvar="SLAQ_API_KEY", required=True,
               help="Bearer key (or SLAQ_API_KEY).")
 @click.option("--model", default=None, help="Model name (default: the first of /v1/models).")
-@click.option("--trace", "trace_name", default="azure", show_default=True,
-              help="azure | mooncake | PATH (.csv Azure, .jsonl Mooncake).")
-@click.option("--start-s", default=0.0, show_default=True, type=float,
-              help="Where in the original trace to start (s).")
-@click.option("--duration-s", default=60.0, show_default=True, type=float,
-              help="Seconds of the original trace to take.")
-@click.option("--time-scale", default=1.0, show_default=True, type=float,
-              help="Compress arrivals: rate multiplied by this.")
-@click.option("--token-scale", default=1.0, show_default=True, type=float,
-              help="Multiply prompt and output lengths.")
-@click.option("--max-input-tokens", default=None, type=int, help="Clip prompt lengths.")
-@click.option("--max-output-tokens", default=None, type=int, help="Clip output lengths.")
-@click.option("--tier-mix", default=None,
-              help="e.g. priority=0.2,default=0.5,flex=0.3 (default 20/50/15/15 with batch).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--max-requests", default=5000, show_default=True, type=int)
+@trace_options(duration_s=60.0, time_scale=1.0, token_scale=1.0, max_input_tokens=None,
+               max_output_tokens=None, max_requests=5000)
 @click.option("--max-wall-s", default=600.0, show_default=True, type=float,
               help="Send nothing later than this after the start.")
 @click.option("--drain-timeout-s", default=120.0, show_default=True, type=float,

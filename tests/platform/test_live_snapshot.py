@@ -8,11 +8,9 @@ from datetime import UTC, datetime
 
 import pytest
 import redis
-from sqlalchemy import text
 
 from slaq.gpu_workers.heartbeat import publish
 from slaq.platform import ledger
-from slaq.platform.db import session_factory
 from slaq.platform.decisions import remember_tickets
 from slaq.platform.live_snapshot import BrokerDepths, LiveSnapshotSource, read_heartbeats
 from slaq.platform.policy import PolicyConfig
@@ -35,12 +33,8 @@ def db_url(module_database_url: str) -> str:
 
 
 @pytest.fixture()
-def factory(db_url: str):
-    f = session_factory(db_url)
-    with f() as s:
-        s.execute(text("TRUNCATE requests, scheduling_decisions"))
-        s.commit()
-    return f
+def factory(clean_ledger):
+    return clean_ledger
 
 
 @pytest.fixture()

@@ -25,7 +25,7 @@ from types import MappingProxyType, ModuleType
 
 import pytest
 import redis
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 import slaq.platform.policy as policy
 import slaq.sim.simulator as simulator
@@ -72,12 +72,8 @@ def rurl(private_redis_url: str) -> str:
 
 
 @pytest.fixture()
-def factory(db_url: str):
-    f = session_factory(db_url)
-    with f() as s:
-        s.execute(text("TRUNCATE requests, scheduling_decisions"))
-        s.commit()
-    return f
+def factory(clean_ledger):
+    return clean_ledger
 
 
 @pytest.fixture()
