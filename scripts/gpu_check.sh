@@ -44,7 +44,7 @@ for f in sorted(work.glob("*.json")):
         summary[f.stem] = f.read_text()[-4000:]
 dest.write_text(json.dumps(summary, indent=1) + "\n")
 EOF2
-  tar -czf "$OUT/gpu_check.tgz" -C "$WORK" . 2>/dev/null
+  tar -czf "$OUT/gpu_check.tgz" --exclude=./inductor --exclude=./triton -C "$WORK" . 2>/dev/null
   for png in "$WORK"/engine.png "$WORK"/transfer.png; do [ -f "$png" ] && cp "$png" "$OUT/"; done
   return 0
 }
@@ -71,12 +71,22 @@ if [ -n "$REDIS_BIN" ]; then
     --dir /tmp >/dev/null 2>&1 && export SLAQ_REDIS_URL="redis://127.0.0.1:6399/0"
 fi
 
-step transfer 50 "$PY" scripts/gpu_bench.py transfer "$WORK"
-step engine 180 "$PY" scripts/gpu_bench.py engine "$WORK"
-step kernels 30 "$PY" scripts/gpu_bench.py kernels "$WORK"
-step parity 50 "$PY" scripts/gpu_bench.py parity "$WORK"
-step gpu_tests 80 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -W default tests/gpu \
-  --junitxml="$WORK/gpu_tests.xml"
+# Inductor's caches live in the work dir: every step after the first reuses its kernels.
+export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" TRITON_CACHE_DIR="$WORK/triton"
+# SLAQ_GPU_STEPS picks and orders the steps (a short device budget runs fewer).
+for s in ${SLAQ_GPU_STEPS:-transfer engine breakdown parity kernels gpu_tests}; do
+  case $s in
+    transfer) step transfer 60 "$PY" scripts/gpu_bench.py transfer "$WORK" ;;
+    engine) step engine 200 "$PY" scripts/gpu_bench.py engine "$WORK" ;;
+    breakdown) step breakdown 110 "$PY" scripts/gpu_bench.py breakdown "$WORK" ;;
+    parity) step parity 60 "$PY" scripts/gpu_bench.py parity "$WORK" ;;
+    kernels) step kernels 30 "$PY" scripts/gpu_bench.py kernels "$WORK" ;;
+    prefix) step prefix 90 "$PY" scripts/gpu_bench.py prefix "$WORK" ;;
+    gpu_tests) step gpu_tests 100 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+      -W default tests/gpu --junitxml="$WORK/gpu_tests.xml" ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
 
 [ -n "${SLAQ_REDIS_URL:-}" ] && "$PY" -c "import redis; redis.Redis(port=6399).shutdown(nosave=True)" \
   >/dev/null 2>&1

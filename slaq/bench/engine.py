@@ -33,7 +33,9 @@ LLAMA_1B = {
     "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
     "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
 }
-RUNNERS = ("eager", "triton", "graphs")
+# "graphs-plain": CUDA graphs without the fused layer ops and without asynchronous output
+# processing (the engine as first measured), to show what each of those buys.
+RUNNERS = ("eager", "triton", "graphs", "graphs-plain")
 RANDOM_MARKER = "random_model.json"  # written last by make_random_llama
 
 
@@ -146,7 +148,9 @@ def build_engine(cfg: EngineBenchConfig, runner: str, max_num_seqs: int, num_blo
                                   max_model_len=max_len),
         cache=CacheConfig(block_size=cfg.block_size, num_blocks=num_blocks,
                           enable_prefix_caching=False),
-        use_cuda_graphs=runner == "graphs")
+        use_cuda_graphs=runner.startswith("graphs"),
+        **({"fuse_layer_ops": False, "async_output": False} if runner == "graphs-plain"
+           else {}))
     if runner == "eager":
         return LLMEngine(config)
     from slaq.gpu_workers.engine.cuda_graphs import CudaGraphModelRunner

@@ -5,7 +5,9 @@ An owner process (the prefill side) holds a KV pool shaped like a Llama-3.2-1B e
 each transport's descriptor; this process (the decode side) pulls random sets of blocks of
 several total sizes. Per transport and size it reports the pull time and bandwidth, and the
 lease-to-pulled latency: lease written to Redis -> read -> pulled -> released. The baseline is
-``index_select`` of the same blocks from a pool in this process, on the same device.
+``index_select`` of the same blocks from a pool in this process, on the same device; beside
+it, on the same ids, every other in-process way to gather them (the Triton block-copy kernel,
+copies per run, a contiguous copy of as many bytes) and to write them into another pool.
 """
 
 from __future__ import annotations
@@ -171,6 +173,22 @@ def _timed(fn: Any, device: str, iters: int, warmup: int) -> list[float]:
     return times
 
 
+def _device_times(fn: Any, iters: int, wall_s: float) -> list[float]:
+    """Each call's GPU time alone: a GPU sleep longer than the call's CPU side is queued first,
+    so the events bracket the device work and not the launch overhead."""
+    cycles = int((2 * wall_s + 50e-6) * 2e9)  # ~2 GHz: an H100's top clock, a lower one waits more
+    pairs = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles)
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) / 1e3 for a, b in pairs]
+
+
 def _summary(times: list[float], nbytes: int) -> dict[str, float]:
     p50 = statistics.median(times)
     q = sorted(times)
@@ -303,6 +321,81 @@ def _block_ids(cfg: TransferBenchConfig, num_blocks: int) -> dict[int, list[int]
     return sets
 
 
+GATHER_METHODS = {
+    "index_select": "pool.index_select on the block axis (ids already on the device)",
+    "block_copy": "the Triton block-copy kernel (ids already on the device)",
+    "run_copy": "one strided copy_ per run of consecutive ids",
+    "gather_blocks": "cuda_ipc.gather_blocks as a pull calls it (ids from a list)",
+    "contiguous_copy": "one copy_ of as many contiguous bytes (the ceiling)",
+    "write_index_copy": "index_copy_ of the gathered blocks into another pool "
+                        "(the decode side's write_blocks today)",
+    "write_block_copy": "the kernel scattering the gathered blocks into another pool",
+    "pool_to_pool": "the kernel copying straight from pool to pool (pull + write in one)",
+}
+
+
+def _in_process(pool: torch.Tensor, size_mb: int, ids: list[int],
+                cfg: TransferBenchConfig) -> dict[str, Any]:
+    """Every in-process way to copy ``ids`` out of (and into) a pool, timed the same way.
+
+    ``ms_p50`` / ``gb_per_s`` are per call, launch to synchronised (what a pull waits);
+    on CUDA ``device_*`` are the GPU's time alone (the copy speed, without the launch). The
+    top-level numbers stay those of ``index_select`` (the baseline since the first
+    version of this bench); ``methods`` has them all and ``best`` names the fastest gather.
+    """
+    from slaq.gpu_workers.kv_transfer import block_copy
+    from slaq.gpu_workers.kv_transfer.cuda_ipc import copy_runs, gather_blocks
+    from slaq.gpu_workers.kv_transfer.nixl import block_runs
+
+    nbytes = len(ids) * cfg.block_bytes
+    idx = torch.tensor(ids, device=pool.device)
+    expected = pool.index_select(BLOCK_DIM, idx)
+    runs = block_runs(ids)
+    src = pool.view(-1)[:nbytes // pool.element_size()]
+    flat_dst = torch.empty_like(src)
+    # A second pool to write into, at other (distinct) ids, as a decode worker's would be.
+    dst_pool = torch.zeros_like(pool)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    dst_idx = torch.randperm(pool.shape[BLOCK_DIM], generator=gen)[:len(ids)].to(pool.device)
+    gathers: dict[str, Any] = {
+        "index_select": lambda: pool.index_select(BLOCK_DIM, idx),
+        "run_copy": lambda: copy_runs(pool, runs),
+        "gather_blocks": lambda: gather_blocks(pool, ids),
+    }
+    writes: dict[str, Any] = {
+        "write_index_copy": lambda: dst_pool.index_copy_(BLOCK_DIM, dst_idx, expected),
+    }
+    if block_copy.kernel_usable(pool):
+        gathers["block_copy"] = lambda: block_copy.gather_blocks_kernel(pool, idx)
+        writes["write_block_copy"] = lambda: block_copy.scatter_blocks_kernel(
+            expected, dst_pool, dst_idx)
+        writes["pool_to_pool"] = lambda: block_copy.scatter_blocks_kernel(
+            pool, dst_pool, dst_idx, src_ids=idx)
+    def timed(fn: Any) -> dict[str, Any]:
+        times = _timed(fn, cfg.device, cfg.iters, cfg.warmup)
+        row: dict[str, Any] = _summary(times, nbytes)
+        if cfg.device.startswith("cuda"):
+            dev = _summary(_device_times(fn, cfg.iters, statistics.median(times)), nbytes)
+            row.update(device_ms_p50=dev["ms_p50"], device_gb_per_s=dev["gb_per_s"])
+        return row
+
+    methods: dict[str, Any] = {}
+    for name, fn in gathers.items():
+        correct = bool(torch.equal(fn(), expected))
+        methods[name] = {**timed(fn), "correct": correct}
+    for name, fn in writes.items():
+        dst_pool.zero_()
+        fn()
+        correct = bool(torch.equal(dst_pool.index_select(BLOCK_DIM, dst_idx), expected))
+        methods[name] = {**timed(fn), "correct": correct}
+    methods["contiguous_copy"] = timed(lambda: flat_dst.copy_(src))
+    best = max((m for m in gathers if methods[m]["correct"]),
+               key=lambda m: methods[m]["gb_per_s"])
+    return {"size_mb": size_mb, "num_blocks": len(ids), "num_runs": len(runs),
+            **{k: methods["index_select"][k] for k in ("ms_p50", "ms_p99", "gb_per_s")},
+            "contiguous_copy": methods["contiguous_copy"], "methods": methods, "best": best}
+
+
 def run_transfer_bench(cfg: TransferBenchConfig) -> dict[str, Any]:
     """Measure every transport and the in-process baseline; a JSON-ready dict."""
     import multiprocessing as mp
@@ -329,19 +422,7 @@ def run_transfer_bench(cfg: TransferBenchConfig) -> dict[str, Any]:
             from slaq.gpu_workers.kv_transfer.lease import LeaseStore
 
             store = LeaseStore(redis.Redis.from_url(redis_srv.url), ttl_s=60)
-        baseline = []
-        for mb, ids in id_sets.items():
-            idx = torch.tensor(ids, device=local_pool.device)
-            times = _timed(lambda idx=idx: local_pool.index_select(BLOCK_DIM, idx), cfg.device,
-                           cfg.iters, cfg.warmup)
-            nbytes = len(ids) * cfg.block_bytes
-            src = local_pool.view(-1)[:nbytes // local_pool.element_size()]
-            dst = torch.empty_like(src)
-            flat = _timed(lambda src=src, dst=dst: dst.copy_(src), cfg.device, cfg.iters,
-                          cfg.warmup)
-            baseline.append({"size_mb": mb, "num_blocks": len(ids),
-                             **_summary(times, nbytes),
-                             "contiguous_copy": _summary(flat, nbytes)})
+        baseline = [_in_process(local_pool, mb, ids, cfg) for mb, ids in id_sets.items()]
         results: list[dict[str, Any]] = []
         errors: dict[str, str] = {}
         for name in transports:
@@ -364,8 +445,10 @@ def run_transfer_bench(cfg: TransferBenchConfig) -> dict[str, Any]:
                    "block_bytes": cfg.block_bytes, "pool_shape": list(shape)},
         "lease_store": "redis" if store is not None else "unavailable",
         "baseline": {"what": "index_select of the same blocks in this process; "
-                             "contiguous_copy: one copy_ of as many bytes",
-                     "results": baseline},
+                             "contiguous_copy: one copy_ of as many bytes; methods: every "
+                             "way to copy the same blocks in this process, side by side "
+                             "(device_*: GPU time alone, without the launch)",
+                     "methods": GATHER_METHODS, "results": baseline},
         "results": results, "errors": errors,
     }
 
@@ -384,8 +467,10 @@ def plot_transfer(result: dict[str, Any], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = [b["size_mb"] for b in result["baseline"]["results"]]
-    series: dict[str, list[float]] = {"in-process copy": [b["gb_per_s"] for b in
-                                                          result["baseline"]["results"]]}
+    base = result["baseline"]["results"]
+    series: dict[str, list[float]] = {"in-process index_select": [b["gb_per_s"] for b in base]}
+    if all("block_copy" in b.get("methods", {}) for b in base):
+        series["in-process block_copy"] = [b["methods"]["block_copy"]["gb_per_s"] for b in base]
     for row in result["results"]:
         series.setdefault(row["transport"], [0.0] * len(sizes))
         series[row["transport"]][sizes.index(row["size_mb"])] = row["gb_per_s"]

@@ -51,6 +51,34 @@ def test_paged_decode_matches_reference(dtype, lens):
     torch.testing.assert_close(out.cpu().float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("partition", [64, 128, 512])
+def test_every_partition_size_gives_the_same_attention(partition):
+    from slaq.gpu_workers.engine.paged_attention import paged_decode_reference
+    from slaq.gpu_workers.engine.paged_attention.triton_decode import paged_decode
+
+    q, kv, tables, ctx, max_context = _case(torch.float32, [700, 1, 129, 64])
+    out = paged_decode(q, kv, tables, ctx, 0.125, max_context, partition=partition)
+    ref = paged_decode_reference(q.cpu(), kv.cpu(), tables.cpu(), ctx.cpu(), 0.125)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_partition_size_fills_the_device_and_bounds_the_partials():
+    from slaq.gpu_workers.engine.paged_attention.triton_decode import (
+        MAX_PARTS,
+        num_partitions,
+        partition_size,
+    )
+
+    # Batch 1 on 132 SMs: the shortest partitions; batch 128: the longest that still fill it.
+    assert partition_size(1, 8, 640, 132) == 64
+    assert partition_size(128, 8, 640, 132) == 256
+    assert partition_size(16, 8, 640, 132) == 128
+    for max_context in (1, 640, 8192, 16_384, 131_072):
+        for batch in (1, 8, 128):
+            size = partition_size(batch, 8, max_context, 132)
+            assert size % 64 == 0 and num_partitions(max_context, size) <= MAX_PARTS
+
+
 def test_padding_rows_give_zeros_and_a_larger_max_context_changes_nothing():
     from slaq.gpu_workers.engine.paged_attention.triton_decode import paged_decode
 

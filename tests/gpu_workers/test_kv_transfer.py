@@ -118,3 +118,34 @@ def test_lease_expires_with_its_ttl(redis_url):
         time.sleep(0.05)
     assert store.alive([(rid, 0)]) == set()
     assert store.release(rid) is False
+
+
+def test_block_copy_fallbacks_on_cpu_match_indexing():
+    from slaq.gpu_workers.kv_transfer.block_copy import (
+        gather_blocks_torch,
+        kernel_usable,
+        scatter_blocks,
+    )
+
+    src = torch.arange(torch.Size(SHAPE).numel(), dtype=torch.float32).view(SHAPE)
+    assert not kernel_usable(src)  # CPU tensors never go to the kernel outside tests
+    assert torch.equal(gather_blocks_torch(src, [7, 0, 0]), src[:, :, [7, 0, 0]])
+    dst = torch.zeros(2, 2, 5, 4, 2, 3, dtype=torch.bfloat16)
+    scatter_blocks(src, dst, [4, 1], src_ids=[6, 2])  # pool to pool, with a dtype change
+    assert torch.equal(dst[:, :, [4, 1]], src[:, :, [6, 2]].to(torch.bfloat16))
+    assert torch.count_nonzero(dst[:, :, [0, 2, 3]]) == 0
+    scatter_blocks(src[:, :, :2], dst, [3, 0])
+    assert torch.equal(dst[:, :, [3, 0]], src[:, :, :2].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(("ids", "runs"), [([3, 4, 5], 1), ([6, 1, 4, 0, 2, 7], 6), ([2], 1)])
+def test_transfer_bench_in_process_methods_agree(ids, runs):
+    from slaq.bench.transfer import TransferBenchConfig, _in_process
+
+    cfg = TransferBenchConfig(iters=1, warmup=0, dtype="float32")
+    pool = torch.randn(SHAPE)
+    row = _in_process(pool, 1, ids, cfg)
+    assert row["num_runs"] == runs
+    assert {"index_select", "run_copy", "gather_blocks", "write_index_copy"} <= set(row["methods"])
+    assert all(m["correct"] for m in row["methods"].values() if "correct" in m)
+    assert row["gb_per_s"] == row["methods"]["index_select"]["gb_per_s"]

@@ -116,6 +116,11 @@ class EngineConfig:
     # on the same host can map it (shm transport). None = private memory.
     kv_shm_name: str | None = None
     use_cuda_graphs: bool = True
+    # Build a step's outputs during the next step's forward (see llm_engine). None: on for
+    # the torch runner on CUDA, where the forward runs asynchronously to the host.
+    async_output: bool | None = None
+    # On CUDA, fuse each layer's element-wise ops with torch.compile (see models/layer_ops).
+    fuse_layer_ops: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):

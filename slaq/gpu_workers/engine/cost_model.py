@@ -314,9 +314,9 @@ class RecordingRunner:
         self.inner = inner
         self.samples: list[StepSample] = []
 
-    def execute(self, out: SchedulerOutput):
+    def execute(self, out: SchedulerOutput, overlap=None):
         t0 = time.perf_counter()
-        result = self.inner.execute(out)
+        result = self.inner.execute(out, overlap)
         self.samples.append(samples_from_output(out, time.perf_counter() - t0))
         return result
 

@@ -14,6 +14,8 @@ falls back to the eager path for steps with prefill chunks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -39,11 +41,12 @@ class DecodeGraphs:
     """One captured graph per bucket; :meth:`run` pads, copies inputs in and replays."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int,
-                 max_model_len: int, max_batch_size: int) -> None:
+                 max_model_len: int, max_batch_size: int, fuse_layer_ops: bool = True) -> None:
         from slaq.gpu_workers.engine.paged_attention import TritonPagedBackend
 
         assert kv_cache.device.type == "cuda", "CUDA graphs need a CUDA pool"
         self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
+        self.fuse_layer_ops = fuse_layer_ops
         self.width = -(-max_model_len // block_size)
         self.sizes = bucket_sizes(max_batch_size)
         self.backend = TritonPagedBackend(max_context=self.width * block_size)
@@ -74,8 +77,23 @@ class DecodeGraphs:
         self._tokens.zero_()
         self._tokens[2].fill_(-1)  # capture writes no KV ...
         self._lens.zero_()  # ... and attends to nothing
+        from slaq.gpu_workers.engine.models.layer_ops import compiled_ops
+
         stream = torch.cuda.Stream(self.kv_cache.device)
         stream.wait_stream(torch.cuda.current_stream(self.kv_cache.device))
+        # Fused element-wise ops only inside the graphs (decode is launch-bound); eager
+        # prefill keeps the plain ops, so no prefill shape ever waits for a compile.
+        eager_ops = self.model.ops
+        if self.fuse_layer_ops:
+            self.model.ops = compiled_ops()
+        try:
+            self._capture_all(stream)
+        finally:
+            self.model.ops = eager_ops
+        torch.cuda.current_stream(self.kv_cache.device).wait_stream(stream)
+        torch.cuda.synchronize(self.kv_cache.device)
+
+    def _capture_all(self, stream: torch.cuda.Stream) -> None:
         with torch.cuda.stream(stream):
             for n in reversed(self.sizes):
                 for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its kernels
@@ -84,8 +102,6 @@ class DecodeGraphs:
                 with torch.cuda.graph(graph, pool=self._pool, stream=stream):
                     out = self._forward(n)
                 self._graphs[n] = (graph, out)
-        torch.cuda.current_stream(self.kv_cache.device).wait_stream(stream)
-        torch.cuda.synchronize(self.kv_cache.device)
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int],
             block_tables: list[list[int]]) -> torch.Tensor:
@@ -124,18 +140,21 @@ class CudaGraphModelRunner(ModelRunner):
         self.graphs: DecodeGraphs | None = None
         if config.use_cuda_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size,
-                                       self.max_model_len, config.scheduler.max_num_seqs)
+                                       self.max_model_len, config.scheduler.max_num_seqs,
+                                       config.fuse_layer_ops)
             self.graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def execute(self, out: SchedulerOutput,
+                overlap: Callable[[], None] | None = None) -> RunnerOutput:
         g = self.graphs
         if (g is None or out.is_empty or len(out.scheduled) > g.max_batch_size
                 or any(s.num_new_tokens != 1 or not s.sample for s in out.scheduled)):
-            return super().execute(out)
-        return self._execute_decode(out.scheduled)
+            return super().execute(out, overlap)
+        return self._execute_decode(out.scheduled, overlap)
 
-    def _execute_decode(self, scheduled: list[ScheduledSequence]) -> RunnerOutput:
+    def _execute_decode(self, scheduled: list[ScheduledSequence],
+                        overlap: Callable[[], None] | None) -> RunnerOutput:
         assert self.graphs is not None
         bs = self.block_size
         ids, positions, slots, tables, rows = [], [], [], [], []
@@ -151,6 +170,8 @@ class CudaGraphModelRunner(ModelRunner):
             rows.append(SampleRequest(seq.request_id, p,
                                       seq.token_ids if p.repetition_penalty != 1.0 else ()))
         logits = self.graphs.run(ids, positions, slots, tables)
+        if overlap is not None:
+            overlap()  # the replay is queued: host work here hides behind it
         sampled = self.sampler.sample(logits, rows)
         result = RunnerOutput()
         for row, token_id, lp in zip(rows, sampled.token_ids, sampled.logprobs, strict=True):

@@ -6,6 +6,12 @@ Not thread-safe. One engine thread owns an engine and makes every call on it (th
 The same facade drives the ``sim`` engine: ``LLMEngine(config, runner="sim")`` swaps the model
 runner for :class:`~slaq.gpu_workers.engine.sim_runner.SimRunner` (cost-model step times, filler
 tokens) around the same scheduler and block accounting.
+
+Asynchronous output processing (``EngineConfig.async_output``; on by default for CUDA): a
+step's outputs are built (detokenised, stop strings checked) during the *next* step, while
+the device runs its forward, instead of between steps while the device idles. The cost is
+one step of latency per output and, when a stop string ends a sequence, one token it already
+computed that is thrown away.
 """
 
 from __future__ import annotations
@@ -58,6 +64,17 @@ class EngineStats:
 
 
 @dataclass(slots=True)
+class _StepResult:
+    """A step whose outputs are not built yet (asynchronous output processing)."""
+
+    out: SchedulerOutput
+    runner_out: RunnerOutput
+    finished: list[Sequence]
+    # Requests a stop string ended while this step ran: their tokens of it are dropped.
+    dropped: set[str]
+
+
+@dataclass(slots=True)
 class Completion:
     """A whole request's result, from :meth:`LLMEngine.generate`."""
 
@@ -92,6 +109,11 @@ class LLMEngine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._recent: deque[tuple[float, float, int, int]] = deque()  # (end, dt, prefill, dec)
+        async_output = config.async_output
+        if async_output is None:
+            async_output = config.device.startswith("cuda") and runner != "sim"
+        self._async_output = async_output
+        self._pending: _StepResult | None = None
 
     def _make_runner(self, runner: str | Any, sim_profile: str) -> Any:
         if runner == "torch":
@@ -173,7 +195,8 @@ class LLMEngine:
         self._forget(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while anything is queued, running, or has outputs not yet returned."""
+        return self._pending is not None or self.scheduler.has_unfinished()
 
     # -- disaggregation ----------------------------------------------------------------
 
@@ -196,21 +219,55 @@ class LLMEngine:
     # -- stepping ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run and apply one step; return what each touched request produced."""
+        """Schedule, run and apply one step; return what each touched request produced.
+
+        With asynchronous output processing the outputs returned are the previous step's,
+        built while this step's forward ran; a step with nothing scheduled returns the rest.
+        """
         out = self.scheduler.schedule()
+        pending, self._pending = self._pending, None
+        ready: list[RequestOutput] = []
+        stopped: set[str] = set()
+
+        def build_pending() -> None:
+            nonlocal pending
+            if pending is not None:
+                ready.extend(self._build_outputs(pending, stopped))
+                pending = None
+
         t0 = time.perf_counter()
-        runner_out = self.runner.execute(out) if not out.is_empty else RunnerOutput()
+        if out.is_empty:
+            runner_out = RunnerOutput()
+        else:
+            runner_out = self.runner.execute(out, overlap=build_pending if pending else None)
+        build_pending()  # a no-op when the runner already did it during the forward
+        for rid in stopped:
+            # Its row of this step was sampled after the stop: drop the per-request state
+            # the sampler may have made again.
+            self._forget(rid)
         finished = self.scheduler.update(out, runner_out, self.eos_token_ids)
         self._record(out, runner_out, time.perf_counter() - t0)
-        outputs = [self._output(item.seq, runner_out) for item in out.scheduled
-                   if item.seq.request_id in runner_out.sampled_token_ids]
-        sampled = runner_out.sampled_token_ids
+        result = _StepResult(out, runner_out, finished, stopped)
+        if self._async_output and not out.is_empty:
+            self._pending = result
+            return ready
+        return ready + self._build_outputs(result, set())
+
+    def _build_outputs(self, result: _StepResult, stopped: set[str]) -> list[RequestOutput]:
+        """Detokenise a step's tokens; requests a stop string ends go into ``stopped``."""
+        sampled = result.runner_out.sampled_token_ids
+        # A request aborted since the step ran gets nothing more (its caller is gone).
+        outputs = [self._output(item.seq, result.runner_out, stopped)
+                   for item in result.out.scheduled
+                   if item.seq.request_id in sampled and item.seq.finish_reason != "abort"
+                   and item.seq.request_id not in result.dropped]
         # Sequences the scheduler ended without running them (they outgrew the pool).
-        outputs += [self._output(seq, runner_out) for seq in finished
+        outputs += [self._output(seq, result.runner_out, stopped) for seq in result.finished
                     if seq.request_id not in sampled]
         return outputs
 
-    def _output(self, seq: Sequence, runner_out: RunnerOutput) -> RequestOutput:
+    def _output(self, seq: Sequence, runner_out: RunnerOutput,
+                stopped: set[str]) -> RequestOutput:
         rid = seq.request_id
         token_id = runner_out.sampled_token_ids.get(rid)
         new_ids = [] if token_id is None else [token_id]
@@ -220,6 +277,7 @@ class LLMEngine:
         if detok is not None and detok.stopped:
             if not seq.is_finished or reason == PREFILL_DONE:
                 self.scheduler.finish(rid, "stop")
+                stopped.add(rid)
             reason = "stop"
         elif detok is not None and seq.is_finished and reason != PREFILL_DONE:
             text += detok.flush()

@@ -11,6 +11,7 @@ With the real :class:`Scheduler` and :class:`BlockManager` around it, this *is* 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from slaq.gpu_workers.engine.cost_model import CostProfile
@@ -47,8 +48,11 @@ class SimRunner:
         """KV pool size the modelled hardware would have (use it for the BlockManager)."""
         return self.profile.num_kv_blocks
 
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def execute(self, out: SchedulerOutput,
+                overlap: Callable[[], None] | None = None) -> RunnerOutput:
         """Run one step: a filler token for each sampling sequence, time from the cost model."""
+        if overlap is not None:
+            overlap()
         sampled: dict[str, int] = {}
         chunks = []
         num_prefill = num_tokens = 0

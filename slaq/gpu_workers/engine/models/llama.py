@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slaq.gpu_workers.engine.attention import AttentionBackend, AttentionMetadata
+from slaq.gpu_workers.engine.models.layer_ops import EAGER_OPS, LayerOps
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,22 +122,13 @@ class RotaryEmbedding:
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[T, heads, D]`` (rotate-half convention, as HF Llama)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class RMSNorm(nn.Module):
+    """Holds the weight; the math is in :mod:`layer_ops` (``rms_norm`` / ``add_rms_norm``)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One op instead of six; equal to the reference within rounding in every dtype.
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
@@ -154,11 +145,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: torch.Tensor, meta: AttentionMetadata,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: AttentionBackend, ops: LayerOps) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv_proj(x).view(n, -1, self.head_dim)
         # q and k heads are adjacent: one rotation covers both.
-        qk = apply_rotary(qkv[:, :self.num_heads + self.num_kv_heads], *rope)
+        qk = ops.rotary(qkv[:, :self.num_heads + self.num_kv_heads], *rope)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.num_heads + self.num_kv_heads:]
         o = backend.forward(q, k, v, kv_cache, meta, self.scale)
@@ -172,10 +163,8 @@ class LlamaMLP(nn.Module):
                                       bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        # In place: at a prefill chunk of thousands of tokens each temporary is ~100 MB.
-        return self.down_proj(F.silu(gate).mul_(up))
+    def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -186,11 +175,22 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: torch.Tensor, meta: AttentionMetadata,
-                backend: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+                meta: AttentionMetadata, backend: AttentionBackend,
+                ops: LayerOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` is the previous layer's output still to be added to ``residual`` (None at the
+        first layer, where ``x`` is the embedding): each add is fused with the norm after it.
+        Returns this layer's MLP output and the residual stream it is to be added to."""
+        norm = self.input_layernorm
+        if residual is None:
+            h, residual = ops.rms_norm(x, norm.weight, norm.eps), x
+        else:
+            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+        h = self.self_attn(h, rope, kv_cache, meta, backend, ops)
+        norm = self.post_attention_layernorm
+        h, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps)
+        return self.mlp(h, ops), residual
 
 
 # HF checkpoint name fragment -> (our fused parameter, shard index among its parts)
@@ -215,6 +215,8 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Swapped for fused versions by runners on devices where that pays (see layer_ops).
+        self.ops = EAGER_OPS
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -224,10 +226,11 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions)
+        residual = None
         for i, layer in enumerate(self.layers):
             meta.layer_idx = i
-            x = layer(x, rope, kv_caches[i], meta, backend)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_caches[i], meta, backend, self.ops)
+        return self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -1,22 +1,28 @@
 """Paged decode attention in Triton: each program reads K/V rows straight from the block pool
 through the block table (no gather copy), for all query heads that share one KV head.
 
-Split-K ("flash-decoding"): the context is cut into partitions of ``PARTITION`` tokens so that
-a batch of one still fills the GPU; every (sequence, KV head, partition) program keeps an
-online softmax, writes its partial max / sum / accumulator, and a second kernel merges the
-partials. Partitions past a sequence's context exit at once, so a fixed partition count (as
-CUDA graphs need) costs little. A ``slot < 0`` in :func:`store_kv` and ``context_len == 0``
+Split-K ("flash-decoding"): the context is cut into partitions so that a batch of one still
+fills the GPU; every (sequence, KV head, partition) program keeps an online softmax, writes its
+partial max / sum / accumulator, and a second kernel merges the partials. The partition size
+is chosen per launch shape (:func:`partition_size`): small batches get short partitions (many
+programs of one or two iterations: at batch 1 a 512-token partition left an H100 with 16
+programs and took 67 us per layer), large batches longer ones. Partitions past a sequence's
+context exit at once, so a fixed partition count (as CUDA graphs need) costs little. A ``slot < 0`` in :func:`store_kv` and ``context_len == 0``
 in :func:`paged_decode` mark padding rows.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-PARTITION = 512  # tokens per split-K partition
-BLOCK_N = 64  # tokens per inner iteration
+PARTITION_SIZES = (256, 128, 64)  # tokens per split-K partition, largest first
+BLOCK_N = 64  # tokens per inner iteration (every partition size is a multiple)
+PROGRAMS_PER_SM = 4  # enough resident programs to keep loads in flight
+MAX_PARTS = 64  # partials per head the merge kernel reads at once
 
 
 @triton.jit
@@ -124,26 +130,48 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                              ROW_PAD=triton.next_power_of_2(row))
 
 
-def num_partitions(max_context: int) -> int:
-    """Split-K partitions needed for contexts up to ``max_context`` tokens."""
-    return max(1, -(-max_context // PARTITION))
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def partition_size(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """The largest partition (tokens) that still gives ``PROGRAMS_PER_SM`` programs per SM,
+    among those that keep a head's partials to ``MAX_PARTS``."""
+    sizes = [s for s in PARTITION_SIZES if num_partitions(max_context, s) <= MAX_PARTS]
+    if not sizes:  # very long contexts: the fewest BLOCK_N multiples that fit MAX_PARTS
+        return BLOCK_N * -(-max_context // (MAX_PARTS * BLOCK_N))
+    for size in sizes:
+        if batch * num_kv_heads * num_partitions(max_context, size) >= PROGRAMS_PER_SM * num_sms:
+            return size
+    return sizes[-1]
+
+
+def num_partitions(max_context: int, partition: int) -> int:
+    """Split-K partitions of ``partition`` tokens for contexts up to ``max_context``."""
+    return max(1, -(-max_context // partition))
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, max_context: int,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, partition: int | None = None) -> torch.Tensor:
     """Decode attention, ``q`` ``[B, H, D]`` over ``kv_cache`` ``[2, NB, BS, KVH, D]``.
 
     ``block_tables`` ``[B, W]`` int32/int64 and ``context_lens`` ``[B]`` (0 = padding row) are
     device tensors; ``max_context`` (a Python int, >= every context length) fixes the
-    partition count, so one value serves a whole CUDA graph.
+    partition count, so one value serves a whole CUDA graph. ``partition`` overrides
+    :func:`partition_size` (tests, kernel sweeps).
     """
     batch, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, kv_dim = kv_cache.shape
     assert kv_dim == head_dim and num_heads % num_kv_heads == 0
     assert kv_cache.stride(-1) == 1 and q.stride(-1) == 1
     group = num_heads // num_kv_heads
-    parts = num_partitions(max_context)
+    if partition is None:
+        num_sms = _num_sms(q.device.index or 0) if q.device.type == "cuda" else 1
+        partition = partition_size(batch, num_kv_heads, max_context, num_sms)
+    assert partition % BLOCK_N == 0, "partitions are whole inner iterations"
+    parts = num_partitions(max_context, partition)
     m = torch.empty((batch, num_heads, parts), dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
     acc = torch.empty((batch, num_heads, parts, head_dim), dtype=torch.float32, device=q.device)
@@ -156,9 +184,10 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kv_cache.stride(3), block_tables.stride(0), parts,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, PARTITION=PARTITION, num_warps=4)
+        BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, PARTITION=partition, num_warps=4)
+    parts_pad = max(2, triton.next_power_of_2(parts))
     _decode_reduce[(batch, num_heads)](
         m, lse, acc, out, context_lens, out.stride(0), out.stride(1), num_heads, parts,
-        PARTS_PAD=max(2, triton.next_power_of_2(parts)), HEAD_DIM=head_dim,
-        PARTITION=PARTITION, num_warps=1)
+        PARTS_PAD=parts_pad, HEAD_DIM=head_dim, PARTITION=partition,
+        num_warps=1 if parts_pad <= 16 else 4)
     return out
