@@ -7,22 +7,7 @@ import os
 
 import click
 
-from slaq.bench.serve_cli import trace_options
-
-DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-
-
-def _model_path(model: str | None) -> str:
-    from pathlib import Path
-
-    from slaq.gpu_workers.model_store import pull
-    from slaq.platform.settings import Settings
-
-    settings = Settings.from_env()
-    name = model or settings.model
-    if Path(name).is_dir():
-        return str(name)
-    return str(pull(name, settings.models_dir, progress=True))
+from slaq.bench.serve_cli import DEFAULT_DATABASE_URL, resolve_model_path, trace_options
 
 
 @click.command("chaos")
@@ -75,7 +60,7 @@ def chaos(trace_name: str, start_s: float, duration_s: float, time_scale: float,
     try:
         cfg = ChaosConfig(
             server_database_url=database_url or os.environ.get("SLAQ_DATABASE_URL")
-            or DEFAULT_DATABASE_URL, model_path=_model_path(model), out_dir=out_dir,
+            or DEFAULT_DATABASE_URL, model_path=resolve_model_path(model), out_dir=out_dir,
             num_workers=num_workers, sim_profile=sim_profile, kill_at_s=kill,
             redis_restart_at_s=restart, orphan_timeout_s=orphan_timeout_s, beat_nice=beat_nice,
             keep_database=keep_database, plot=plot)

@@ -22,6 +22,7 @@ import ipaddress
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -237,8 +238,35 @@ async def _model_name(client: httpx.AsyncClient) -> str:
     return resp.json()["data"][0]["id"]
 
 
-async def replay_async(trace: Trace, cfg: ServeConfig) -> ReplayResult:
-    """Send ``trace``'s requests at their arrival times; return one result per request sent."""
+Progress = Callable[[dict[str, Any]], None]
+
+
+def progress_counts(results: list[RequestResult], total: int, t_s: float) -> dict[str, Any]:
+    """Where a replay stands: sent so far of ``total``, and how the sent ones ended."""
+    done = {k: 0 for k in OUTCOMES}
+    in_flight = 0
+    for r in results:
+        if r.e2e_s is None and r.error is None and r.http_status in (None, 200):
+            in_flight += 1
+        else:
+            done[r.outcome] += 1
+    return {"t_s": round(t_s, 1), "sent": len(results), "total": total,
+            "in_flight": in_flight, **done}
+
+
+async def _report_progress(progress: Progress, results: list[RequestResult], total: int,
+                           t0: float, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        progress(progress_counts(results, total, time.perf_counter() - t0))
+
+
+async def replay_async(trace: Trace, cfg: ServeConfig, progress: Progress | None = None,
+                       progress_interval_s: float = 10.0) -> ReplayResult:
+    """Send ``trace``'s requests at their arrival times; return one result per request sent.
+
+    ``progress`` (if given) is called every ``progress_interval_s`` with
+    :func:`progress_counts`."""
     requests = trace.requests[: cfg.max_requests]
     base = cfg.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {cfg.api_key}"}
@@ -252,6 +280,9 @@ async def replay_async(trace: Trace, cfg: ServeConfig) -> ReplayResult:
         started_at, t0 = time.time(), time.perf_counter()
         results: list[RequestResult] = []
         tasks: list[asyncio.Task] = []
+        total = sum(1 for r in requests if r.arrival_s <= cfg.max_wall_s)
+        reporter = None if progress is None else asyncio.create_task(
+            _report_progress(progress, results, total, t0, progress_interval_s))
         for i, req in enumerate(requests):
             if req.arrival_s > cfg.max_wall_s:
                 break
@@ -270,12 +301,17 @@ async def replay_async(trace: Trace, cfg: ServeConfig) -> ReplayResult:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if reporter is not None:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
+            progress(progress_counts(results, total, time.perf_counter() - t0))
         ends = [r.sent_s + r.e2e_s for r in results
                 if r.sent_s is not None and r.e2e_s is not None]
         duration = max(ends, default=time.perf_counter() - t0)
     return ReplayResult(model, started_at, duration, results)
 
 
-def replay(trace: Trace, cfg: ServeConfig) -> ReplayResult:
+def replay(trace: Trace, cfg: ServeConfig, progress: Progress | None = None,
+           progress_interval_s: float = 10.0) -> ReplayResult:
     """Blocking form of :func:`replay_async`."""
-    return asyncio.run(replay_async(trace, cfg))
+    return asyncio.run(replay_async(trace, cfg, progress, progress_interval_s))

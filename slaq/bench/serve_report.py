@@ -272,8 +272,9 @@ def format_table(report: dict[str, Any]) -> str:
 def format_comparison(reports: Sequence[dict[str, Any]]) -> str:
     """One Markdown table over several runs of the same trace (one per policy): per tier and
     overall, attainment, latencies and goodput, with goodput relative to the first run."""
-    rows = ["| policy | tier | sent | refused | lost | SLA att. | TTFT att. | TTFT p50/p99 ms | "
-            "TPOT p50/p99 ms | goodput req/s | goodput vs first |", "|" + "---|" * 11]
+    rows = ["| policy | tier | sent | refused | downgraded | lost | SLA att. | TTFT att. | "
+            "TTFT p50/p99 ms | TPOT p50/p99 ms | goodput req/s | goodput vs first |",
+            "|" + "---|" * 12]
     base = reports[0]["overall"]["goodput"] if reports else None
 
     def num(x: float | None, pct: bool = False) -> str:
@@ -286,9 +287,100 @@ def format_comparison(reports: Sequence[dict[str, Any]]) -> str:
         for tier, g in [*rep["tiers"].items(), ("all", rep["overall"])]:
             rel = (f"{g['goodput'] / base:.2f}x" if tier == "all" and base and
                    g["goodput"] is not None else "")
-            rows.append(f"| {label} | {tier} | {g['sent']} | {g['refused']} | {g['lost']} | "
+            rows.append(f"| {label} | {tier} | {g['sent']} | {g['refused']} | "
+                        f"{g['downgraded']} | {g['lost']} | "
                         f"{num(g['sla_attainment'], True)} | {num(g['ttft_attainment'], True)} | "
                         f"{num(g['ttft_ms']['p50'])}/{num(g['ttft_ms']['p99'])} | "
                         f"{num(g['tpot_ms']['p50'])}/{num(g['tpot_ms']['p99'])} | "
                         f"{num(g['goodput'])} | {rel} |")
     return "\n".join(rows)
+
+
+# ---- several policies, one trace (``slaq bench serve --launch``) --------------------------
+
+SUMMARY_KEYS = ("sent", "finished", "refused", "downgraded", "lost", "met_sla",
+                "sla_attainment", "ttft_attainment", "tpot_attainment",
+                "attainment_of_finished", "goodput", "request_throughput",
+                "output_token_throughput")
+
+
+def group_summary(g: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of one group (a tier or ``overall``) of a serve report."""
+    return {k: g[k] for k in SUMMARY_KEYS} | {
+        name: {q: g[name][q] for q in ("p50", "p99")}
+        for name in ("ttft_ms", "tpot_ms", "e2e_ms")}
+
+
+def run_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """One run of a comparison: per tier and overall, plus whatever the runner added."""
+    out = {"duration_s": report["duration_s"],
+           "tiers": {t: group_summary(g) for t, g in report["tiers"].items()},
+           "overall": group_summary(report["overall"])}
+    for key in ("reconciliation", "still_active_in_ledger", "decisions", "stack", "files"):
+        if key in report:
+            out[key] = report[key]
+    if "reconciliation" in out:  # the examples stay in the run's own report.json
+        out["reconciliation"] = {k: v for k, v in out["reconciliation"].items()
+                                 if not k.endswith("_examples")}
+    return out
+
+
+def plot_policy_comparison(reports: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Per tier (and all), each run's SLA attainment (left) and goodput (right)."""
+    plt = _pyplot()
+    groups = [*TIER_NAMES, "all"]
+    fig, (ax_att, ax_good) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(reports))
+    for i, rep in enumerate(reports):
+        label = rep.get("label") or f"run {i}"
+        att, good = [], []
+        for name in groups:
+            g = rep["overall"] if name == "all" else rep["tiers"].get(name)
+            att.append(100 * (g["sla_attainment"] or 0) if g else 0)
+            good.append((g["goodput"] or 0) if g else 0)
+        xs = [k + (i - (len(reports) - 1) / 2) * width for k in range(len(groups))]
+        ax_att.bar(xs, att, width, label=label, color=f"C{i}")
+        ax_good.bar(xs, good, width, label=label, color=f"C{i}")
+    for ax, ylabel in ((ax_att, "SLA attainment (% of sent)"), (ax_good, "goodput (req/s)")):
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, axis="y", alpha=0.3)
+    ax_att.set_ylim(0, 118)
+    ax_att.legend(loc="upper center", fontsize=8, ncol=len(reports))
+    ax_att.set_title("SLA attainment per tier asked")
+    ax_good.set_title("goodput (requests meeting TTFT and TPOT per s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_policy_ttft_cdf(results: dict[str, ReplayResult], tiers: TierTable,
+                         path: str | Path) -> Path:
+    """One panel per tier: each run's TTFT CDF over finished requests; dashed: the target."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(TIER_NAMES), figsize=(4 * len(TIER_NAMES), 4),
+                             sharey=True)
+    for ax, tier in zip(axes, TIER_NAMES, strict=True):
+        for i, (label, replay) in enumerate(results.items()):
+            xs = sorted(r.ttft_s * 1000.0 for r in replay.results if r.tier_asked == tier
+                        and r.outcome == FINISHED and r.ttft_s is not None)
+            sent = sum(r.tier_asked == tier for r in replay.results)
+            if not xs:
+                continue
+            # Over every request sent: refused and lost ones never reach the top.
+            ys = [(k + 1) / sent for k in range(len(xs))]
+            ax.step(xs, ys, where="post", color=f"C{i}", label=label)
+        ax.axvline(tiers[tier].ttft_ms, color="k", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_title(f"{tier} (target {tiers[tier].ttft_ms / 1000:g} s)")
+        ax.set_xlabel("TTFT (ms, log)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("fraction of sent requests")
+    axes[0].set_ylim(0, 1.02)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -60,6 +60,7 @@ class _Pending:
     request_id: str
     add: Callable[[Any], None]
     num_blocks: int
+    rank: int
 
 
 class RequestHandle:
@@ -171,7 +172,10 @@ class EngineLoop:
         def enqueue(_engine: Any) -> None:
             self._check_new(request_id)
             self._handles[request_id] = handle
-            self._pending.append(_Pending(request_id, add, int(kv.shape[2])))
+            # Tier order, then arrival: a waiting priority request takes the first room freed.
+            i = next((i for i, p in enumerate(self._pending) if p.rank > rank),
+                     len(self._pending))
+            self._pending.insert(i, _Pending(request_id, add, int(kv.shape[2]), rank))
             self._admit_pending()
 
         self.call(enqueue)
@@ -228,7 +232,7 @@ class EngineLoop:
             raise ValueError(f"request {request_id} is already in this engine")
 
     def _admit_pending(self) -> None:
-        """Admit waiting prefilled requests in arrival order while they fit."""
+        """Admit waiting prefilled requests, most important tier first, while they fit."""
         while self._pending:
             pending = self._pending[0]
             handle = self._handles.get(pending.request_id)

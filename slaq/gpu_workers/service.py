@@ -38,6 +38,9 @@ OUTPUT_TIMEOUT_S = 600.0
 CANCEL_CHECK_INTERVAL_S = 0.5
 # Attempts after which a request whose KV keeps getting lost fails instead of re-prefilling.
 MAX_ATTEMPTS = 5
+# Under the fifo policy every sequence gets this one rank (the engine then orders by arrival
+# only, as the simulator's fifo does) and every decode ticket the default message priority.
+FIFO_RANK = 1
 
 
 @dataclass(slots=True)
@@ -55,13 +58,16 @@ class WorkItem:
 
 
 class SqlLedger:
-    """The ledger operations a worker uses, each in its own short session."""
+    """The ledger operations a worker uses, each in its own short session.
 
-    def __init__(self, database_url: str, tiers: TierTable) -> None:
+    ``fifo``: the work items it loads carry no tier order (one rank, one ticket priority)."""
+
+    def __init__(self, database_url: str, tiers: TierTable, *, fifo: bool = False) -> None:
         from slaq.platform.db import session_factory
 
         self._sessions = session_factory(database_url)
         self._tiers = tiers
+        self._fifo = fifo
 
     def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with self._sessions() as session:
@@ -74,10 +80,15 @@ class SqlLedger:
         if row is None:
             raise LookupError(f"request {request_id} is not in the ledger")
         tier = self._tiers[row.tier_used]
+        rank, queue_priority = tier.rank, tier.queue_priority
+        if self._fifo:
+            from slaq.tasks.config import DEFAULT_PRIORITY
+
+            rank, queue_priority = FIFO_RANK, DEFAULT_PRIORITY
         return WorkItem(request_id=row.id, attempt=row.attempt, tier=row.tier_used,
                         prompt_token_ids=list(row.prompt_token_ids),
-                        params=SamplingParams.from_dict(row.params or {}), rank=tier.rank,
-                        queue_priority=tier.queue_priority,
+                        params=SamplingParams.from_dict(row.params or {}), rank=rank,
+                        queue_priority=queue_priority,
                         first_token_streamed=row.first_token_at is not None)
 
     def start_prefill(self, request_id: str, attempt: int, worker: str) -> bool:

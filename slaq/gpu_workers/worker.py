@@ -5,8 +5,13 @@
 thread, the heartbeat thread and then a Celery worker with a thread pool: many tickets wait
 concurrently on their requests while one thread steps the engine, so they share batches.
 
-Queues: a prefill worker drains ``prefill.priority|default|flex|batch`` in that order; a
-decode worker ``decode.<NAME>`` then ``decode.any``; a ``both`` worker all of them.
+Queues: a prefill worker drains ``prefill.priority|default|flex|batch`` in that order (under
+``SLAQ_POLICY=fifo`` the one ``prefill.fifo`` instead); a decode worker ``decode.<NAME>`` then
+``decode.any``; a ``both`` worker all of them.
+
+The ``sim`` engine runs in every role: its KV blocks hold no bytes, so a disaggregated sim
+pair hands over through :class:`SimTransport`, which moves nothing and takes as long as the
+cost model says the transfer would.
 """
 
 from __future__ import annotations
@@ -55,11 +60,10 @@ class WorkerOptions:
             raise ValueError("concurrency must be >= 1")
         if self.engine_kind not in ("torch", "sim"):
             raise ValueError(f"engine must be torch or sim, got {self.engine_kind!r}")
-        if self.engine_kind == "sim" and self.role != "both":
-            # The sim runner holds no KV to hand over, so it runs aggregated only.
-            raise ValueError("the sim engine runs with role 'both' only")
         if self.transport not in ("auto", "nixl"):
             raise ValueError(f"transport must be auto or nixl, got {self.transport!r}")
+        if self.engine_kind == "sim" and self.transport != "auto":
+            raise ValueError("the sim engine hands KV over through its own transport only")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
 
@@ -76,6 +80,62 @@ def _model_path(settings: Settings) -> str:
     return str(pull(settings.model, settings.models_dir, progress=False))
 
 
+def sim_profile_from_env() -> Any:
+    """The cost profile a sim worker stands in for (``SLAQ_SIM_PROFILE``) and its speed
+    (``SLAQ_SIM_SPEED``: 1 = the modelled hardware; 0.1 = ten times slower). Env, not flags, so
+    that launchers and benchmarks choose them without new CLI plumbing."""
+    from slaq.gpu_workers.engine.cost_model import get_profile
+
+    speed = float(os.environ.get("SLAQ_SIM_SPEED") or 1.0)
+    if speed <= 0:
+        raise ValueError("SLAQ_SIM_SPEED must be > 0")
+    return get_profile(os.environ.get("SLAQ_SIM_PROFILE") or "smollm2-135m-cpu"), speed
+
+
+def _placeholder_kv(num_blocks: int) -> Any:
+    # Shaped like LLMEngine.read_blocks ([L, 2, n, block_size, kv_heads, head_dim]) but empty:
+    # the sim engine's blocks are accounting only.
+    import numpy as np
+
+    return np.empty((1, 2, num_blocks, 0, 0, 0), dtype=np.uint8)
+
+
+def _sim_runner(profile: Any, speed: float) -> Any:
+    from slaq.gpu_workers.engine.sim_runner import SimRunner
+
+    class SimKVRunner(SimRunner):
+        """The sim runner plus the block reads/writes of a KV hand-off (nothing to copy)."""
+
+        def read_blocks(self, block_ids: list[int]) -> Any:
+            return _placeholder_kv(len(block_ids))
+
+        def write_blocks(self, block_ids: list[int], kv: Any) -> None:
+            return None
+
+    return SimKVRunner(profile, realtime=True, time_scale=speed)
+
+
+class SimTransport:
+    """KV hand-off between sim workers: no bytes move; the pull takes the cost model's
+    transfer time (at the sim speed) and returns empty blocks of the leased count."""
+
+    name = "sim"
+
+    def __init__(self, profile: Any, speed: float = 1.0) -> None:
+        self.profile = profile
+        self.speed = speed
+
+    def describe(self) -> dict[str, str]:
+        return {"profile": self.profile.name}
+
+    def pull(self, lease: Any) -> Any:
+        time.sleep(self.profile.transfer_time(lease.num_tokens) / self.speed)
+        return _placeholder_kv(len(lease.block_ids))
+
+    def close(self) -> None:
+        return None
+
+
 def build_engine(opts: WorkerOptions, model_path: str, shm_name: str | None) -> Any:
     """The engine this worker owns (torch, or the cost-model ``sim`` engine)."""
     from slaq.gpu_workers.engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -87,10 +147,7 @@ def build_engine(opts: WorkerOptions, model_path: str, shm_name: str | None) -> 
     from slaq.gpu_workers.engine.llm_engine import LLMEngine
 
     if opts.engine_kind == "sim":
-        # Which hardware a sim worker stands in for (cost_model.PROFILES); env, not a flag,
-        # so that launchers and benchmarks can choose it without new CLI plumbing.
-        profile = os.environ.get("SLAQ_SIM_PROFILE") or "smollm2-135m-cpu"
-        return LLMEngine(config, runner="sim", sim_profile=profile)
+        return LLMEngine(config, runner=_sim_runner(*sim_profile_from_env()))
     return LLMEngine(config, runner=opts.engine_kind)
 
 
@@ -179,7 +236,7 @@ class WorkerRuntime:
         self.loop = EngineLoop(self.engine, lease_alive=self.leases.alive,
                                on_failure=self._engine_failed)
         self.loop.start()
-        self.queues = queues_for_role(self.opts.role, self.name)
+        self.queues = queues_for_role(self.opts.role, self.name, s.policy)
         self.app = create_app(s, extra_queues=(decode_queue(self.name),), with_tasks=True)
         set_app(self.app)
         self._install_service()
@@ -208,11 +265,11 @@ class WorkerRuntime:
         transport, pullers = self._transports()
         self.service = service.WorkerService(
             name=self.name, role=self.opts.role, loop=self.loop,
-            ledger=service.SqlLedger(s.database_url, tiers), redis_client=self.redis,
-            leases=self.leases, transport=transport, pullers=pullers,
+            ledger=service.SqlLedger(s.database_url, tiers, fifo=s.fifo),
+            redis_client=self.redis, leases=self.leases, transport=transport, pullers=pullers,
             router=DecodeRouter(self.redis, max_age_s=s.heartbeat_ttl_s),
             send_prefill=lambda rid, attempt, tier: send_prefill_ticket(
-                rid, attempt, tier, app=self.app, tiers=tiers),
+                rid, attempt, tier, app=self.app, tiers=tiers, policy=s.policy),
             send_decode=lambda rid, attempt, worker, priority=None: send_decode_ticket(
                 rid, attempt, worker, app=self.app, priority=priority))
         service.set_current(self.service)
@@ -224,6 +281,11 @@ class WorkerRuntime:
 
         opts, pool = self.opts, getattr(self.engine.runner, "kv_cache", None)
         pullers: dict[str, Any] = {"shm": ShmTransport(), "local": LocalTransport(self.name)}
+        if opts.engine_kind == "sim":
+            sim = SimTransport(*sim_profile_from_env())
+            pullers["sim"] = sim
+            if opts.role == "prefill":
+                return sim, pullers
         cuda = opts.device.startswith("cuda")
         if cuda:
             from slaq.gpu_workers.kv_transfer.cuda_ipc import CudaIpcTransport

@@ -54,9 +54,12 @@ log = logging.getLogger(__name__)
 TICKET_PREFIX = "ticket:"
 BUDGET_PREFIX = "admission:budget:"
 
-# Take n tokens from a tier's budget; nil when no budget is set (then nothing limits it).
+# Take n = ARGV[1] tokens from a tier's budget; nil when no budget is set (then nothing limits
+# it). A prompt over the cut ARGV[2] (when >= 0) takes nothing and gets -1: it falls back.
 _TAKE_BUDGET = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+local cut = tonumber(ARGV[2])
+if cut >= 0 and tonumber(ARGV[1]) > cut then return -1 end
 return redis.call('DECRBY', KEYS[1], ARGV[1])
 """
 
@@ -140,6 +143,8 @@ class AdmissionState:
     Up to ``budget_tokens`` prompt tokens (counted down in Redis) are admitted as asked; past
     the budget ``mode`` applies: ``downgrade`` to ``downgrade_to`` or ``refuse`` with
     ``Retry-After: retry_after_s``. ``accept`` or ``budget_tokens=None`` admits everything.
+    A limited tier also sends a prompt longer than ``max_prompt_tokens`` (when set) to the
+    fallback without touching the budget: a short budget then serves more requests.
     """
 
     tier: str
@@ -149,6 +154,7 @@ class AdmissionState:
     downgrade_to: str | None = None
     retry_after_s: int = 1
     at: float = 0.0  # Unix seconds of the decision
+    max_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ADMISSION_MODES:
@@ -157,6 +163,8 @@ class AdmissionState:
             raise ValueError("a downgrade needs a tier to downgrade to")
         if self.budget_tokens is not None and self.budget_tokens < 0:
             raise ValueError("budget_tokens must be >= 0")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError("max_prompt_tokens must be >= 1")
 
     @property
     def limited(self) -> bool:
@@ -165,23 +173,28 @@ class AdmissionState:
     @classmethod
     def from_action(cls, action: SetAdmission, at: float) -> AdmissionState:
         p = action.predicted_ttft_ms
+        # The policy puts the cut among the decision's inputs (recorded with it as well).
+        cut = action.inputs.get("max_prompt_tokens")
         return cls(action.tier, action.mode, action.budget_tokens,
                    p if math.isfinite(p) else None, action.downgrade_to, action.retry_after_s,
-                   at)
+                   at, None if cut is None else int(cut))
 
     def to_json(self) -> str:
         return json.dumps({"mode": self.mode, "budget_tokens": self.budget_tokens,
                            "predicted_ttft_ms": self.predicted_ttft_ms,
                            "downgrade_to": self.downgrade_to,
-                           "retry_after_s": self.retry_after_s, "at": self.at})
+                           "retry_after_s": self.retry_after_s, "at": self.at,
+                           "max_prompt_tokens": self.max_prompt_tokens})
 
     @classmethod
     def from_json(cls, tier: str, text: str | bytes) -> AdmissionState:
         d = json.loads(text)
         budget = d.get("budget_tokens")
+        cut = d.get("max_prompt_tokens")
         return cls(tier, d.get("mode", "accept"), None if budget is None else int(budget),
                    d.get("predicted_ttft_ms"), d.get("downgrade_to"),
-                   int(d.get("retry_after_s") or 1), float(d.get("at") or 0.0))
+                   int(d.get("retry_after_s") or 1), float(d.get("at") or 0.0),
+                   None if cut is None else int(cut))
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,8 +322,11 @@ class AdmissionCache:
         state = self.get(tier)
         if not state.limited:
             return AdmissionVerdict(tier)
+        n = max(0, int(num_prompt_tokens))
+        cut = -1 if state.max_prompt_tokens is None else state.max_prompt_tokens
         try:
-            left = self._take(keys=[budget_key(tier)], args=[max(0, int(num_prompt_tokens))])
+            # The cut applies only while a budget is live, like the budget itself.
+            left = self._take(keys=[budget_key(tier)], args=[n, cut])
         except redis.RedisError:
             log.warning("cannot take from the admission budget; admitting", exc_info=True)
             return AdmissionVerdict(tier)
@@ -318,6 +334,8 @@ class AdmissionCache:
             return AdmissionVerdict(tier)
         why = (f"predicted TTFT of {tier} is over its target"
                + (f" ({state.predicted_ttft_ms:.0f} ms)" if state.predicted_ttft_ms else ""))
+        if 0 <= cut < n:
+            why += f"; prompts over {cut} tokens fall back first"
         if state.mode == "downgrade" and state.downgrade_to is not None:
             return AdmissionVerdict(state.downgrade_to, reason=why)
         return AdmissionVerdict(tier, refused=True, retry_after_s=state.retry_after_s,

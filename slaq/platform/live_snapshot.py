@@ -20,6 +20,7 @@ Tickets the reprioritiser re-sent are remembered in ``ticket:<id>`` (see
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,10 +69,16 @@ def read_heartbeats(client: redis.Redis) -> list[Heartbeat]:
 
 
 class BrokerDepths:
-    """Ticket counts of the ``prefill.<tier>`` queues (None per queue when unknown)."""
+    """Ticket counts of the ``prefill.<tier>`` queues (None per queue when unknown).
 
-    def __init__(self, broker_url: str, redis_client: redis.Redis | None = None) -> None:
+    ``fifo``: the deployment runs the ``fifo`` policy, whose tickets of every tier share the
+    one ``prefill.fifo`` queue (:meth:`read_fifo`).
+    """
+
+    def __init__(self, broker_url: str, redis_client: redis.Redis | None = None,
+                 fifo: bool = False) -> None:
         self.broker_url = broker_url
+        self.fifo = fifo
         scheme = broker_url.split("://", 1)[0]
         self._is_redis = scheme in ("redis", "rediss", "unix")
         self._r: redis.Redis | None = None
@@ -87,6 +94,10 @@ class BrokerDepths:
         except Exception:  # noqa: BLE001 - unknown depth only disables orphan detection
             log.warning("cannot read broker queue depths", exc_info=True)
             return dict.fromkeys(tiers)
+
+    def read_fifo(self) -> int | None:
+        """Tickets in the one queue of the ``fifo`` policy."""
+        return self.read(("fifo",)).get("fifo")
 
     def _read_redis(self, tiers: tuple[str, ...]) -> dict[str, int | None]:
         assert self._r is not None
@@ -232,9 +243,10 @@ class LiveSnapshotSource:
     def build(self, session: Session, now: float, since: float | None) -> Snapshot:
         """The snapshot at ``now``; arrivals are counted over ``(since, now]`` (none if None)."""
         heartbeats = tuple(read_heartbeats(self._r))
-        depth = self.depths.read()
         view = LedgerView(session, self.tiers, self.config)
         counts, arrivals = view.tier_stats(since, now)
+        depth = (self._fifo_depths(view, counts, now) if self.depths.fifo
+                 else self.depths.read())
         queues = {t: QueueStats(*counts.get(t, (0, 0)), broker_depth=depth.get(t))
                   for t in TIER_NAMES}
         rows = {r.id: r for r in view.at_risk(now)}
@@ -248,6 +260,23 @@ class LiveSnapshotSource:
         return Snapshot(now=now, heartbeats=heartbeats, queues=queues,
                         queued=self._queued(list(rows.values())), inflight=inflight,
                         arrivals=arrivals)
+
+    def _fifo_depths(self, view: LedgerView, counts: dict[str, tuple[int, int]],
+                     now: float) -> dict[str, int | None]:
+        """Per-tier depths for one shared queue: the ledger's queued rows beyond the queue's
+        length are taken to be the oldest-ticketed ones (those a broker restart lost), and
+        each tier's depth is its queued count less its share of them."""
+        total = self.depths.read_fifo()
+        queued = {t: counts.get(t, (0, 0))[0] for t in TIER_NAMES}
+        if total is None:
+            return dict.fromkeys(TIER_NAMES)
+        missing = sum(queued.values()) - total
+        if missing <= 0:
+            return dict(queued)
+        candidates = [r for t in TIER_NAMES for r in view.orphan_candidates(t, missing, now)]
+        candidates.sort(key=lambda r: _ts(r.enqueued_at) or r.received_at.timestamp())
+        lost = Counter(r.tier_used for r in candidates[:missing])
+        return {t: queued[t] - lost[t] for t in TIER_NAMES}
 
     def _queued(self, rows: list[Any]) -> tuple[QueuedRequest, ...]:
         tickets = read_tickets(self._r, [r.id for r in rows])

@@ -10,7 +10,9 @@ same function once per cycle and apply what it returns. What it does, each part 
 * **routing** weights for decode workers from their KV pressure;
 * **admission**: per tier, a prompt-token budget that keeps the work queued ahead of a new
   request within its TTFT target (from queued work, prefill capacity and the inflow of more
-  important tiers); past it the tier's fallback applies: downgrade or refuse;
+  important tiers); past it the tier's fallback applies: downgrade or refuse. A short budget
+  also cuts prompts longer than a few fair shares of it (``max_prompt_tokens`` in the
+  decision's inputs), so it serves more requests;
 * **orphan recovery**: work of dead workers and queued requests whose ticket was lost;
 * the **planner** figure: prefill / decode workers needed at the observed arrival rates.
 """
@@ -59,6 +61,10 @@ class PolicyConfig:
     aging_fraction: float = 0.5
     max_retickets: int = 200  # per cycle (least slack first), so one cycle stays fast
     admission_margin: float = 0.9  # admit while predicted TTFT <= margin * target
+    # When a tier's budget is short, a request may take at most this many times its fair share
+    # of the cycle's budget (budget / expected admitted requests): the longest prompts fall
+    # back first, so the budget serves more requests. 0 disables the cut.
+    admission_share_factor: float = 2.0
     heartbeat_max_age_s: float = 3.0
     orphan_timeout_s: float = 30.0
     rate_halflife_s: float = 3.0  # EWMA of arrival rates (planner, admission)
@@ -77,6 +83,8 @@ class PolicyConfig:
             raise ValueError("aging_fraction must be in (0, 1)")
         if self.prefill_capacity_tok_s <= 0 or self.decode_capacity_tok_s <= 0:
             raise ValueError("capacities must be > 0")
+        if self.admission_share_factor < 0:
+            raise ValueError("admission_share_factor must be >= 0")
         if not 0 < self.planner_utilisation <= 1:
             raise ValueError("planner_utilisation must be in (0, 1]")
 
@@ -190,7 +198,8 @@ def decide(snapshot: Snapshot, state: PolicyState, tiers: TierTable,
     if config.enable_routing:
         _route(live, config, actions)
     if config.enable_admission:
-        new_state = _admission(predicted, new_state, tiers, config, actions)
+        interval = 1.0 if state.time is None else max(0.0, snapshot.now - state.time)
+        new_state = _admission(predicted, rates, interval, new_state, tiers, config, actions)
     if config.enable_orphans:
         _orphans(snapshot, live, tiers, config, actions)
     new_state = _plan(live, rates, new_state, config, actions)
@@ -351,10 +360,13 @@ def _route(live: list[Heartbeat], config: PolicyConfig, actions: list[Action]) -
                                ((hb.worker, hb) for hb in decode)}))
 
 
-def _admission(predicted: dict[str, Prediction], state: PolicyState, tiers: TierTable,
-               config: PolicyConfig, actions: list[Action]) -> PolicyState:
+def _admission(predicted: dict[str, Prediction],
+               rates: MappingProxyType[str, tuple[float, float, float]], interval: float,
+               state: PolicyState, tiers: TierTable, config: PolicyConfig,
+               actions: list[Action]) -> PolicyState:
     """Per tier that may be downgraded or refused: a prompt-token budget that keeps the work
-    ahead of its last admitted request within its TTFT target; past it, the tier's fallback."""
+    ahead of its last admitted request within its TTFT target; past it, the tier's fallback.
+    With a short budget, prompts longer than a few fair shares of it fall back at once."""
     modes = dict(state.admission)
     for tier in tiers:
         fallback = ("downgrade" if tier.downgrade_to is not None
@@ -368,6 +380,7 @@ def _admission(predicted: dict[str, Prediction], state: PolicyState, tiers: Tier
         budget = int(max(0.0, room)) if math.isfinite(room) else 0
         # Emitted every cycle: the budget counts from this decision to the next.
         modes[tier.name] = (fallback, budget)
+        max_prompt = _max_prompt_tokens(budget, rates.get(tier.name), interval, config)
         over_s = (p.ttft_ms - tier.ttft_ms) / 1000.0 if math.isfinite(p.ttft_ms) else 120.0
         actions.append(SetAdmission(
             tier.name, fallback, p.ttft_ms,
@@ -375,8 +388,28 @@ def _admission(predicted: dict[str, Prediction], state: PolicyState, tiers: Tier
             budget, tier.downgrade_to if fallback == "downgrade" else None,
             int(min(120, max(1, math.ceil(over_s)))),
             {"predicted_ttft_ms": round(p.ttft_ms, 1), "ahead_tokens": int(p.ahead_tokens),
-             "avail_tok_s": round(p.avail_tok_s, 1)}))
+             "avail_tok_s": round(p.avail_tok_s, 1), "max_prompt_tokens": max_prompt}))
     return replace(state, admission=MappingProxyType(modes))
+
+
+def _max_prompt_tokens(budget: int, rate: tuple[float, float, float] | None, interval: float,
+                       config: PolicyConfig) -> int | None:
+    """The longest prompt admitted as asked this cycle (None: no cut).
+
+    Attainment counts requests, and a budget is tokens: when the budget is short, spending it
+    first-come on a few long prompts would turn away many short ones. A request may take up
+    to ``admission_share_factor`` times its fair share, budget / requests admitted per cycle
+    (EWMA). The cut finds its own level: while it leaves budget unused, the fair share grows
+    and the cut loosens; while the budget runs out, the fair share is the mean admitted prompt
+    and the cut tightens towards prompts the budget can serve in number. With a roomy budget
+    the cut lies far above any prompt and does nothing.
+    """
+    if config.admission_share_factor <= 0 or rate is None or budget <= 0:
+        return None
+    num_requests = rate[0] * interval
+    if num_requests < 1.0:
+        return None  # too few requests to speak of a share
+    return max(1, int(config.admission_share_factor * budget / num_requests))
 
 
 def _orphans(snapshot: Snapshot, live: list[Heartbeat], tiers: TierTable,

@@ -36,6 +36,11 @@ def _env_int(name: str, default: int) -> int:
 
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# Scheduling modes (``SLAQ_POLICY``). API, beat and workers read the same variable, so a stack
+# runs one mode end to end: ``fifo`` = one prefill queue, no tier order anywhere (the common
+# default of serving stacks); ``static`` = tier queues and tier ranks, no pressure-driven
+# actions; ``slaq`` = everything.
+POLICIES: tuple[str, ...] = ("fifo", "static", "slaq")
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,11 @@ class Settings:
     reprioritise_interval_s: float = 1.0
     # One context limit for the API's admission check and every worker's engine.
     max_model_len: int = 2048
+    policy: str = "slaq"
 
     def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.lease_ttl_s <= 0:
             raise ValueError("lease_ttl_s must be > 0")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_ttl_s <= self.heartbeat_interval_s:
@@ -85,7 +93,13 @@ class Settings:
             visibility_timeout_s=_env_int("SLAQ_VISIBILITY_TIMEOUT_S", 7200),
             reprioritise_interval_s=_env_float("SLAQ_REPRIORITISE_INTERVAL_S", 1.0),
             max_model_len=_env_int("SLAQ_MAX_MODEL_LEN", 2048),
+            policy=env.get("SLAQ_POLICY") or "slaq",
         )
+
+    @property
+    def fifo(self) -> bool:
+        """One queue and one rank for every tier (see :data:`POLICIES`)."""
+        return self.policy == "fifo"
 
     @property
     def models_dir(self) -> Path:

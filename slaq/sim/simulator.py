@@ -261,8 +261,9 @@ class Simulator:
         rec = self.records[i]
         adm = None if self.fifo else self.admission.get(rec.tier_asked)
         if adm is not None:
-            mode, budget = adm
-            if budget is not None and budget >= rec.num_prompt_tokens:
+            mode, budget, max_prompt = adm
+            if (budget is not None and budget >= rec.num_prompt_tokens
+                    and (max_prompt is None or rec.num_prompt_tokens <= max_prompt)):
                 adm[1] = budget - rec.num_prompt_tokens
             elif mode == "refuse":
                 rec.refused, rec.state = True, "refused"
@@ -463,7 +464,8 @@ class Simulator:
             elif isinstance(a, SetRouting):
                 self.routing = a.weights
             elif isinstance(a, SetAdmission):
-                self.admission[a.tier] = [a.mode, a.budget_tokens]
+                self.admission[a.tier] = [a.mode, a.budget_tokens,
+                                          a.inputs.get("max_prompt_tokens")]
             elif isinstance(a, Plan):
                 pass  # recorded per tick below (reported, acted on only by a scaling hook)
         if self.state.plan is not None:

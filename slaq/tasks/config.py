@@ -18,12 +18,26 @@ DECODE_TASK = "slaq.decode"
 
 # The order a prefill worker drains them in (queue_order_strategy "priority").
 PREFILL_QUEUES: tuple[str, ...] = tuple(f"prefill.{tier}" for tier in TIER_NAMES)
+# The one prefill queue of the ``fifo`` policy: every tier's tickets, in arrival order.
+FIFO_QUEUE = "prefill.fifo"
 DECODE_ANY_QUEUE = "decode.any"
 CONTROL_QUEUE = "control"
 
 NUM_PRIORITIES = 10  # Redis-style 0 (most urgent) .. 9
 # Messages sent without a priority: as urgent as the default tier, not the top bucket.
 DEFAULT_PRIORITY = 3
+
+
+def prefill_queue(tier: str, policy: str = "slaq") -> str:
+    """Where a prefill ticket of ``tier`` goes: its tier's queue, or the one fifo queue."""
+    if tier not in TIER_NAMES:
+        raise ValueError(f"unknown tier {tier!r}")
+    return FIFO_QUEUE if policy == "fifo" else f"prefill.{tier}"
+
+
+def prefill_queues(policy: str = "slaq") -> list[str]:
+    """The prefill queues a worker drains, in drain order."""
+    return [FIFO_QUEUE] if policy == "fifo" else list(PREFILL_QUEUES)
 
 
 def decode_queue(worker: str | None) -> str:
@@ -49,15 +63,15 @@ def make_queue(name: str) -> Queue:
                  queue_arguments={"x-max-priority": NUM_PRIORITIES - 1})
 
 
-def queues_for_role(role: str, worker: str) -> list[str]:
-    """What a worker with this role consumes, in drain order."""
+def queues_for_role(role: str, worker: str, policy: str = "slaq") -> list[str]:
+    """What a worker with this role consumes, in drain order (``fifo``: one prefill queue)."""
     if role == "prefill":
-        return list(PREFILL_QUEUES)
+        return prefill_queues(policy)
     if role == "decode":
         return [decode_queue(worker), DECODE_ANY_QUEUE]
     if role == "both":
         # An aggregated worker decodes what it prefills; it also drains stray decode tickets.
-        return [*PREFILL_QUEUES, decode_queue(worker), DECODE_ANY_QUEUE]
+        return [*prefill_queues(policy), decode_queue(worker), DECODE_ANY_QUEUE]
     raise ValueError(f"role must be prefill, decode or both, got {role!r}")
 
 
@@ -71,7 +85,7 @@ def broker_url_of(settings: Settings) -> str:
 def celery_config(settings: Settings, extra_queues: tuple[str, ...] = ()) -> dict:
     """The Celery settings dict for :func:`slaq.tasks.app.create_app`."""
     broker = broker_url_of(settings)
-    names = [*PREFILL_QUEUES, DECODE_ANY_QUEUE, CONTROL_QUEUE, *extra_queues]
+    names = [*PREFILL_QUEUES, FIFO_QUEUE, DECODE_ANY_QUEUE, CONTROL_QUEUE, *extra_queues]
     return {
         "broker_url": broker,
         "broker_connection_retry_on_startup": True,

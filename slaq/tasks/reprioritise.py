@@ -306,7 +306,8 @@ def build_reprioritiser(settings: Settings, app: Celery | None = None,
         raise ValueError("the reprioritiser needs database_url and redis_url")
     client = redis.Redis.from_url(settings.redis_url)
     broker = broker_url_of(settings)
-    depths = BrokerDepths(broker, client if broker == settings.redis_url else None)
+    depths = BrokerDepths(broker, client if broker == settings.redis_url else None,
+                          fifo=settings.fifo)
     return Reprioritiser(
         redis_client=client, session_factory=session_factory(settings.database_url),
         app=app or create_app(settings), tiers=TierTable.from_file(settings.tiers_file),

@@ -20,6 +20,7 @@ from slaq.tasks.config import (
     broker_priority,
     decode_queue,
     make_queue,
+    prefill_queue,
 )
 
 
@@ -47,19 +48,24 @@ def _wire_id(request_id: object) -> int | str:
 
 def send_prefill_ticket(request_id: object, attempt: int, tier: str, *,
                         app: Celery | None = None, priority: int | None = None,
-                        tiers: TierTable | None = None) -> None:
+                        tiers: TierTable | None = None, policy: str | None = None) -> None:
     """Queue a prefill ticket on ``prefill.<tier>``.
 
     ``priority`` (Redis-style, 0 most urgent) defaults to the tier's ``queue_priority``; the
-    reprioritiser passes a lower number to age a ticket whose deadline is near.
+    reprioritiser passes a lower number to age a ticket whose deadline is near. Under the
+    ``fifo`` policy (``policy``, else ``SLAQ_POLICY``) every ticket goes to the one fifo queue
+    with the same priority, whatever its tier: arrival order is the only order.
     """
     table = tiers or _env_tiers()
     try:
         tier_priority = table[tier].queue_priority
     except KeyError as exc:
         raise ValueError(f"unknown tier {tier!r}") from exc
+    policy = policy or Settings.from_env().policy
+    if policy == "fifo":
+        tier_priority, priority = DEFAULT_PRIORITY, None
     app = _app(app)
-    queue = make_queue(f"prefill.{tier}")
+    queue = make_queue(prefill_queue(tier, policy))
     app.send_task(PREFILL_TASK, args=[_wire_id(request_id), int(attempt)], queue=queue,
                   priority=broker_priority(tier_priority if priority is None else priority,
                                            app.conf.broker_url))

@@ -7,7 +7,8 @@ Config keys: ``DATABASE_URL``, ``REDIS_URL`` (required), ``BROKER_URL`` (default
 URL), ``MODEL`` (model-store name or path), ``MODELS_DIR``, ``MAX_MODEL_LEN`` (caps the model's
 own context length), ``TIERS_FILE``, ``STREAM_IDLE_TIMEOUT_S`` (default: the tier's deadline),
 ``TICKET_SENDER`` (a ``(request_id, attempt, tier) -> None`` callable; default: Celery),
-``ADMISSION_TTL_S`` (how long the reprioritiser's admission state is cached; default 0.5 s).
+``ADMISSION_TTL_S`` (how long the reprioritiser's admission state is cached; default 0.5 s),
+``REDIS_MAX_CONNECTIONS`` (default 2048).
 """
 
 from __future__ import annotations
@@ -118,8 +119,12 @@ def _build_context(config: Mapping[str, Any]) -> WebContext:
                         int(max_model_len))
     sessions = session_factory(config["DATABASE_URL"])
     sender = config.get("TICKET_SENDER") or _celery_sender(config, tiers)
+    # Every open stream holds a connection while it waits for tokens: redis-py's default pool
+    # of 100 refused streams past the 100th ("Too many connections"). Connections open lazily,
+    # so a cap above any thread count costs nothing.
     client = redis.Redis.from_url(config["REDIS_URL"], socket_connect_timeout=5,
-                                  health_check_interval=30)
+                                  health_check_interval=30,
+                                  max_connections=int(config.get("REDIS_MAX_CONNECTIONS", 2048)))
     admit = AdmissionCache(client, ttl_s=float(config.get("ADMISSION_TTL_S", 0.5))).admit
     timeout = config.get("STREAM_IDLE_TIMEOUT_S")
     return WebContext(

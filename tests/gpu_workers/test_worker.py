@@ -149,6 +149,31 @@ def test_prefilled_request_waits_for_room(loops, make_engine, tiny_prompts):
         drain(tiny.add_prefilled_request("huge", prompt, first.new_token_ids[0], params, kv), 30)
 
 
+def test_waiting_hand_offs_are_admitted_by_tier_then_arrival(loops, make_engine, tiny_prompts):
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    source = make_engine()
+    prompt = tiny_prompts[2]
+    source.add_request("src", prompt, params, prefill_only=True)
+    outs: list = []
+    while not outs or not outs[-1].finished:
+        outs += source.step()
+    first_token = outs[-1].new_token_ids[0]
+    kv = source.read_blocks(source.leased_blocks("src"))
+    decode = loops(make_engine(max_num_seqs=1))
+    busy = decode.add_request("busy", tiny_prompts[0], SamplingParams(
+        max_tokens=60, temperature=0.0, ignore_eos=True))
+    next(busy.outputs(60))  # "busy" holds the only seat
+    # Arrival order: batch, flex, priority, batch. Admission order: priority, flex, batch, batch.
+    handles = {rid: decode.add_prefilled_request(rid, prompt, first_token, params, kv, rank=rank)
+               for rid, rank in (("b1", 3), ("f", 2), ("p", 0), ("b2", 3))}
+    finished_at = {}
+    for rid, handle in handles.items():
+        drain(handle, 60)
+        finished_at[rid] = handle.first_output_at
+    assert sorted(finished_at, key=finished_at.__getitem__) == ["p", "f", "b1", "b2"]
+    drain(busy, 60)
+
+
 def test_engine_failure_fails_waiters_and_is_reported(loops, make_engine, tiny_prompts):
     engine = make_engine()
     failures: list[BaseException] = []
@@ -513,7 +538,8 @@ def test_worker_options_validate():
     assert WorkerOptions(role="decode", name="d1").worker_name == "d1"
     assert WorkerOptions(role="prefill").worker_name.startswith("prefill-")
     for bad in ({"role": "oracle"}, {"role": "decode", "concurrency": 0},
-                {"role": "prefill", "engine_kind": "sim"}, {"role": "both", "num_blocks": 0}):
+                {"role": "prefill", "engine_kind": "sim", "transport": "nixl"},
+                {"role": "both", "num_blocks": 0}):
         with pytest.raises(ValueError):
             WorkerOptions(**bad)
     with pytest.raises(SystemExit):

@@ -166,6 +166,27 @@ def test_admit_counts_the_budget_down_then_applies_the_fallback(r: redis.Redis) 
     assert cache.admit("flex", 1) == AdmissionVerdict("flex")
 
 
+def test_prompts_over_the_cut_fall_back_without_spending_the_budget(r: redis.Redis) -> None:
+    cut = AdmissionState("default", "downgrade", 100, 5000.0, "flex", 3, 1.0, 50)
+    assert AdmissionState.from_json("default", cut.to_json()) == cut
+    action = SetAdmission("default", "downgrade", 5000.0, "short", 100, "flex", 3,
+                          {"max_prompt_tokens": 50})
+    assert AdmissionState.from_action(action, at=1.0) == cut
+    publish_state(r, gates={}, routing={}, admission={"default": cut})
+    cache = AdmissionCache(r, ttl_s=0.0)
+    long = cache.admit("default", 51)
+    assert (long.tier, long.refused) == ("flex", False) and "over 50 tokens" in long.reason
+    assert int(r.get(budget_key("default"))) == 100  # the long prompt took nothing
+    assert cache.admit("default", 50) == AdmissionVerdict("default")
+    assert cache.admit("default", 50) == AdmissionVerdict("default")
+    assert cache.admit("default", 1).tier == "flex"  # now the budget itself is spent
+    # Without a live budget (no reprioritiser) the cut does not apply either.
+    r.delete(budget_key("default"))
+    assert cache.admit("default", 10**6) == AdmissionVerdict("default")
+    with pytest.raises(ValueError):
+        AdmissionState("default", "downgrade", 100, None, "flex", max_prompt_tokens=0)
+
+
 def test_admission_cache_admits_when_redis_is_down() -> None:
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2,
                        retry=Retry(NoBackoff(), 0))

@@ -167,3 +167,27 @@ def test_no_orphan_candidates_while_the_broker_holds_every_ticket(
         snap = source.build(s, now, since=now - 1)
     assert snap.queued == ()
     assert snap.queue("batch").broker_depth == 1
+
+
+def test_fifo_queue_depth_is_shared_out_so_only_the_oldest_count_as_lost(
+        factory, rurl: str, r: redis.Redis) -> None:
+    now = time.time()
+    oldest = add(factory, "flex", now - 300.0)  # its ticket was lost (say, a Redis restart)
+    older = add(factory, "priority", now - 200.0)
+    recent = [add(factory, "default", now - 100.0), add(factory, "batch", now - 90.0)]
+    app = create_app(Settings(database_url="postgresql://unused", redis_url=rurl))
+    for rid, tier in ((older, "priority"), (recent[0], "default"), (recent[1], "batch")):
+        send_prefill_ticket(rid, 1, tier, app=app, tiers=TIERS, policy="fifo")
+    depths = BrokerDepths(rurl, fifo=True)
+    assert depths.read_fifo() == 3
+    source = LiveSnapshotSource(r, depths, TIERS, CONFIG)
+    with factory() as s:
+        snap = source.build(s, now, since=None)
+    # 4 queued in the ledger, 3 tickets in the one queue: the oldest-ticketed one is missing.
+    assert {t: snap.queue(t).broker_depth for t in TIER_NAMES} == {
+        "priority": 1, "default": 1, "flex": 0, "batch": 1}
+    assert oldest in {q.request_id for q in snap.queued}
+    send_prefill_ticket(oldest, 1, "flex", app=app, tiers=TIERS, policy="fifo")
+    with factory() as s:
+        snap = source.build(s, now, since=None)
+    assert all(snap.queue(t).broker_depth == snap.queue(t).num_queued for t in TIER_NAMES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from types import MappingProxyType
 
 import pytest
@@ -231,6 +232,35 @@ def test_admission_budgets_keep_queued_work_within_each_target():
     assert adm["flex"].predicted_ttft_ms > 30_000
 
 
+def test_a_short_budget_cuts_the_longest_prompts_to_serve_more_requests():
+    cfg = only(admission=True)
+    # Default took 20 requests/s (60k tok/s): far more than 10k tok/s of capacity drains.
+    arrivals = {"default": Arrivals(20, 60_000, 200)}
+    queues = {"default": QueueStats(5, 10_000)}
+    actions, _ = decide(snap(queues=queues, arrivals=arrivals), PolicyState(time=NOW - 1.0),
+                        TIERS, cfg)
+    (adm,) = [a for a in of(actions, SetAdmission) if a.tier == "default"]
+    # Budget (0.9 x 3 s - own 3,000/10,000 s) x 10k tok/s - 10k ahead = 14,000 tokens for the
+    # next second; 20 requests a second: a fair share is 700 tokens, the cut 2 x 700.
+    assert adm.budget_tokens == 14_000
+    assert adm.inputs["max_prompt_tokens"] == 1_400
+    # A roomy budget: the cut is far above the prompts that arrive, and with few arrivals
+    # (under one a cycle) there is no cut at all.
+    calm = {"default": Arrivals(2, 2_000, 20)}
+    actions, _ = decide(snap(arrivals=calm), PolicyState(time=NOW - 1.0), TIERS, cfg)
+    (adm,) = [a for a in of(actions, SetAdmission) if a.tier == "default"]
+    assert adm.inputs["max_prompt_tokens"] >= 10 * 1_000
+    actions, _ = decide(snap(arrivals={"default": Arrivals(0, 0, 0)}),
+                        PolicyState(time=NOW - 1.0), TIERS, cfg)
+    (adm,) = [a for a in of(actions, SetAdmission) if a.tier == "default"]
+    assert adm.inputs["max_prompt_tokens"] is None
+    off = replace(cfg, admission_share_factor=0.0)
+    actions, _ = decide(snap(queues=queues, arrivals=arrivals), PolicyState(time=NOW - 1.0),
+                        TIERS, off)
+    (adm,) = [a for a in of(actions, SetAdmission) if a.tier == "default"]
+    assert adm.inputs["max_prompt_tokens"] is None
+
+
 def test_admission_without_capacity_gives_no_budget():
     cfg = only(admission=True)
     no_prefill = (hb("d0", "decode", 0),)
@@ -323,3 +353,5 @@ def test_config_validation():
         PolicyConfig(release_open=0.7, release_close=0.5)
     with pytest.raises(ValueError):
         PolicyConfig(aging_fraction=1.5)
+    with pytest.raises(ValueError):
+        PolicyConfig(admission_share_factor=-1.0)

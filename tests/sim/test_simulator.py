@@ -147,3 +147,16 @@ def test_config_validation():
         SimConfig(trace=trace, policy="random")
     with pytest.raises(ValueError):
         run_simulation(SimConfig(trace=trace, num_gpus=2, disaggregated=True, num_prefill=2))
+
+
+def test_admission_in_the_simulator_applies_budget_and_prompt_cut_as_the_api_does():
+    reqs = tuple(TraceRequest(0.001 * i, n, 4, tier="default")
+                 for i, n in enumerate((500, 100, 100, 100)))
+    sim = Simulator(SimConfig(trace=Trace("cut", reqs), policy="slaq", num_gpus=1))
+    sim.admission["default"] = ["downgrade", 250, 200]  # budget 250 tokens, prompts <= 200
+    for i in range(4):
+        sim._on_arrival(i)
+    # The 500-token prompt is over the cut and spends nothing; two 100s fit the budget.
+    assert [r.tier_used for r in sim.records] == ["flex", "default", "default", "flex"]
+    assert sim.admission["default"][1] == 50
+

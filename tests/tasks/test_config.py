@@ -12,6 +12,8 @@ from slaq.platform.tiers import TierTable
 from slaq.tasks.app import create_app
 from slaq.tasks.config import (
     DECODE_ANY_QUEUE,
+    DEFAULT_PRIORITY,
+    FIFO_QUEUE,
     PREFILL_QUEUES,
     broker_priority,
     celery_config,
@@ -105,6 +107,34 @@ def test_prefill_worker_drains_queues_in_tier_order(private_redis_url):
         send_prefill_ticket(f"r{i}", 0, tier, app=app, tiers=tiers)
     got = _drain(app, list(PREFILL_QUEUES), 4)
     assert [m["args"][0] for m in got] == ["r3", "r2", "r1", "r0"]
+
+
+def test_fifo_tickets_share_one_queue_in_arrival_order(private_redis_url):
+    assert queues_for_role("prefill", "p0", "fifo") == [FIFO_QUEUE]
+    assert queues_for_role("both", "b0", "fifo") == [FIFO_QUEUE, "decode.b0", DECODE_ANY_QUEUE]
+    assert queues_for_role("decode", "d0", "fifo") == ["decode.d0", DECODE_ANY_QUEUE]
+    app = create_app(Settings(redis_url=private_redis_url))
+    tiers = TierTable()
+    order = ["batch", "flex", "default", "priority", "default"]
+    for i, tier in enumerate(order):
+        # An explicit (aged) priority does not jump the line either.
+        send_prefill_ticket(f"f{i}", 1, tier, app=app, tiers=tiers, policy="fifo",
+                            priority=0 if tier == "default" else None)
+    assert _drain(app, list(PREFILL_QUEUES), 5) == []  # no tier queue holds any of them
+    got = _drain(app, [FIFO_QUEUE], 5)
+    assert [m["args"][0] for m in got] == [f"f{i}" for i in range(len(order))]
+    assert {m["priority"] for m in got} == {DEFAULT_PRIORITY}
+    assert {m["queue"] for m in got} == {FIFO_QUEUE}
+
+
+def test_policy_setting_is_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SLAQ_POLICY", "fifo")
+    assert Settings.from_env().policy == "fifo" and Settings.from_env().fifo
+    monkeypatch.delenv("SLAQ_POLICY")
+    assert Settings.from_env().policy == "slaq"
+    monkeypatch.setenv("SLAQ_POLICY", "lifo")
+    with pytest.raises(ValueError):
+        Settings.from_env()
 
 
 def test_decode_ticket_routes_to_worker_queue(private_redis_url):

@@ -6,12 +6,19 @@ seat budget (``max_num_seqs``) in this order:
 1. decodes of running sequences, most important first (``(rank, arrival_time)``); when the
    pool has no slot for a decode, the least important, most recently arrived running
    sequence is preempted (possibly the one asking);
-2. the next chunks of running sequences whose prefill is not done (chunked prefill);
-3. waiting sequences in ``(rank, arrival_time)`` order, each given blocks for all its tokens
-   and a first chunk of what is left of the budget. Admission stops at the first waiting
-   sequence that does not fit (no skipping, so big prompts are not starved); a waiting
-   sequence may preempt running ones of a strictly less important rank to get in
-   (``preempt_for_priority``).
+2. prefill work by ``(rank, prompt tokens left)``: the next chunks of running sequences
+   whose prefill is not done (chunked prefill), merged with the waiting sequences (taken in
+   ``(rank, arrival_time)`` order; on a tie the running prefill goes first). So a running
+   prefill of a less important rank than the first waiting sequence *yields*: that sequence
+   is admitted first and the running prefill gets what budget is left; a long low-tier
+   prompt cannot hold the chunk budget while a high-tier request waits. Within a rank the
+   shortest remaining prefill goes first: one 100k-token prompt does not hold up every short
+   prompt of its tier for seconds (TTFT attainment counts requests); it still gets all the
+   budget they leave. A waiting sequence gets blocks for all its tokens and a first chunk of
+   what is left of the budget. Admission stops at the first waiting sequence that does not
+   fit (no skipping, so big prompts are not starved of KV); the yielded running prefills
+   then take the rest of the budget. A waiting sequence may preempt running ones of a
+   strictly less important rank to get in (``preempt_for_priority``).
 
 Preempted sequences keep their tokens, lose their KV and go back to the front of their rank
 in the waiting queue; they are recomputed as one prefill over prompt + generated tokens.
@@ -205,8 +212,7 @@ class Scheduler:
         """Choose this step's work; allocates the KV slots it needs."""
         out = SchedulerOutput()
         budget = self._schedule_decodes(out, self.config.max_num_batched_tokens)
-        budget = self._schedule_chunks(out, budget)
-        self._schedule_waiting(out, budget)
+        self._schedule_prefills(out, budget)
         self.last_batch_size = len(out.scheduled)
         self.max_batch_size_seen = max(self.max_batch_size_seen, self.last_batch_size)
         return out
@@ -296,51 +302,78 @@ class Scheduler:
             i += 1
         return budget
 
-    def _schedule_chunks(self, out: SchedulerOutput, budget: int) -> int:
-        bm = self.block_manager
-        for seq in self._running:
+    def _schedule_prefills(self, out: SchedulerOutput, budget: int) -> int:
+        """Running prefill chunks and waiting admissions, merged by ``(rank, tokens left)``
+        (see the module doc)."""
+        # Snapshot: sequences admitted below are given their first chunk at admission.
+        chunks = sorted((s for s in self._running if s.num_uncomputed_tokens > 1),
+                        key=self._prefill_key)
+        # A victim preempted for an admission may be admitted again later in this step (with
+        # its first chunk): its old entry in ``chunks`` must not schedule it twice.
+        admitted: set[str] = set()
+        i = 0
+        while budget > 0:
+            head = self._peek_waiting() if self._num_waiting else None
+            while i < len(chunks) and budget > 0 and (
+                head is None
+                or (chunks[i].rank, chunks[i].num_uncomputed_tokens)
+                <= (head.rank, head.num_uncomputed_tokens)
+            ):
+                budget = self._schedule_chunk(chunks[i], out, budget, admitted)
+                i += 1
+            if head is None or budget <= 0:
+                return budget
+            left = self._admit_waiting(head, out, budget)
+            if left is None:
+                break  # the head does not fit: yielded prefills take what is left
+            admitted.add(head.request_id)
+            budget = left
+        for seq in chunks[i:]:
             if budget <= 0:
                 break
-            left = seq.num_uncomputed_tokens
-            if left <= 1:
-                continue  # a decode-sized remainder was handled (or skipped) as a decode
-            num_new = self._chunk_size(left, budget)
-            if num_new == 0:
-                continue
-            assert bm.can_append(seq, num_new), "prefill blocks are allocated at admission"
-            bm.append_slots(seq, num_new)
-            out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, num_new))
-            budget -= num_new
+            budget = self._schedule_chunk(seq, out, budget, admitted)
         return budget
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_chunk(self, seq: Sequence, out: SchedulerOutput, budget: int,
+                        admitted: set[str]) -> int:
+        if seq.status is not SequenceStatus.RUNNING or seq.request_id in admitted:
+            return budget  # preempted by an admission earlier in this step (maybe back)
+        num_new = self._chunk_size(seq.num_uncomputed_tokens, budget)
+        if num_new == 0:
+            return budget
         bm = self.block_manager
-        while self._num_waiting and budget > 0:
-            seq = self._peek_waiting()
-            refund = self._make_room(seq, out)
-            if refund is None:
-                if self._never_fits(seq.num_tokens):  # safety net: would block the queue
-                    self._pop_waiting(seq)
-                    seq.finish("length")
-                    self._forget(seq)
-                    self._finished_in_schedule.append(seq)
-                    continue
-                break
-            budget += refund
-            if not self.config.enable_chunked_prefill:
-                left = seq.num_tokens - bm.lookup_prefix(seq)
-                if self._chunk_size(left, budget) == 0:
-                    break
-            self._pop_waiting(seq)
-            bm.allocate(seq)
-            num_new = self._chunk_size(seq.num_uncomputed_tokens, budget)
-            assert num_new > 0
-            bm.append_slots(seq, num_new)
-            seq.status = SequenceStatus.RUNNING
-            self._insert_running(seq)
-            out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, num_new))
-            budget -= num_new
-        return budget
+        assert bm.can_append(seq, num_new), "prefill blocks are allocated at admission"
+        bm.append_slots(seq, num_new)
+        out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, num_new))
+        return budget - num_new
+
+    def _admit_waiting(self, seq: Sequence, out: SchedulerOutput, budget: int) -> int | None:
+        """Admit the head of the waiting queue with a first chunk; the budget left, or None
+        when it cannot be admitted now (it stays at the head)."""
+        bm = self.block_manager
+        refund = self._make_room(seq, out)
+        if refund is None:
+            if self._never_fits(seq.num_tokens):  # safety net: would block the queue
+                self._pop_waiting(seq)
+                seq.finish("length")
+                self._forget(seq)
+                self._finished_in_schedule.append(seq)
+                return budget
+            return None
+        budget += refund
+        if not self.config.enable_chunked_prefill:
+            left = seq.num_tokens - bm.lookup_prefix(seq)
+            if self._chunk_size(left, budget) == 0:
+                return None
+        self._pop_waiting(seq)
+        bm.allocate(seq)
+        num_new = self._chunk_size(seq.num_uncomputed_tokens, budget)
+        assert num_new > 0
+        bm.append_slots(seq, num_new)
+        seq.status = SequenceStatus.RUNNING
+        self._insert_running(seq)
+        out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, num_new))
+        return budget - num_new
 
     # ------------------------------------------------------------- helpers
 
@@ -417,6 +450,10 @@ class Scheduler:
         self._push_waiting(seq, front=True)
         out.preempted_ids.append(seq.request_id)
         self.num_preemptions += 1
+
+    def _prefill_key(self, seq: Sequence) -> tuple[int, int, float, int]:
+        return (seq.rank, seq.num_uncomputed_tokens, seq.arrival_time,
+                self._order[seq.request_id])
 
     def _key(self, seq: Sequence) -> tuple[int, float, int]:
         return (seq.rank, seq.arrival_time, self._order[seq.request_id])

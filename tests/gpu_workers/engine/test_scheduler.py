@@ -602,3 +602,85 @@ def test_leases_hold_blocks_until_released_then_waiting_work_runs() -> None:
     sched.free_leased("p1")
     sched.check_integrity()
     assert sched.block_manager.num_used_blocks == 0
+
+
+def _prefill_items(out: SchedulerOutput) -> list[tuple[str, int, int]]:
+    return [(s.seq.request_id, s.start, s.num_new_tokens) for s in out.scheduled]
+
+
+def test_a_running_low_tier_prefill_yields_the_chunk_budget_to_a_waiting_higher_tier() -> None:
+    sched = make_sched(num_blocks=32, max_num_batched_tokens=8)
+    sched.add(make_seq("batch", num_prompt=40, rank=3, arrival=0.0, max_tokens=2))
+    out, _ = step(sched)
+    assert _prefill_items(out) == [("batch", 0, 8)]
+    sched.add(make_seq("vip", num_prompt=5, rank=0, arrival=1.0, max_tokens=2))
+    out, _ = step(sched)
+    # vip is admitted first with its whole prompt; batch keeps only what is left.
+    assert _prefill_items(out) == [("vip", 0, 5), ("batch", 8, 3)]
+    assert out.preempted_ids == []  # yielding is not preempting: batch keeps its blocks
+    out, done = step(sched)
+    assert _prefill_items(out) == [("vip", 5, 1), ("batch", 11, 7)]
+    assert [s.request_id for s in done] == ["vip"]
+    run = run_all(sched)
+    assert [s.request_id for s in run.finished] == ["batch"]
+    assert sched.block_manager.num_used_blocks == 0
+
+
+def test_prefills_and_admissions_interleave_by_rank() -> None:
+    sched = make_sched(num_blocks=64, max_num_batched_tokens=8)
+    sched.add(make_seq("flex", num_prompt=30, rank=2, arrival=0.0, max_tokens=2))
+    out, _ = step(sched)
+    assert _prefill_items(out) == [("flex", 0, 8)]
+    sched.add(make_seq("prio", num_prompt=12, rank=0, arrival=1.0, max_tokens=2))
+    out, _ = step(sched)
+    assert _prefill_items(out) == [("prio", 0, 8)]  # flex yields the whole budget
+    sched.add(make_seq("default", num_prompt=3, rank=1, arrival=2.0, max_tokens=2))
+    out, _ = step(sched)
+    # Running prio (rank 0), then waiting default (rank 1), then running flex (rank 2).
+    assert _prefill_items(out) == [("prio", 8, 4), ("default", 0, 3), ("flex", 8, 1)]
+    run = run_all(sched)
+    assert {s.request_id for s in run.finished} == {"flex", "prio", "default"}
+    assert sched.block_manager.num_used_blocks == 0
+
+
+def test_within_a_rank_the_shortest_remaining_prefill_goes_first() -> None:
+    sched = make_sched(num_blocks=64, max_num_batched_tokens=8)
+    sched.add(make_seq("long", num_prompt=40, rank=0, arrival=0.0, max_tokens=2))
+    step(sched)
+    sched.add(make_seq("short", num_prompt=5, rank=0, arrival=1.0, max_tokens=2))
+    out, _ = step(sched)
+    # 32 tokens left of "long" vs 5 of the waiting "short": short first, long gets the rest.
+    assert _prefill_items(out) == [("short", 0, 5), ("long", 8, 3)]
+    sched.add(make_seq("tie", num_prompt=29, rank=0, arrival=2.0, max_tokens=2))
+    out, _ = step(sched)
+    # short decodes; long (29 left) and the waiting tie (29) are equal: the running one first.
+    assert _prefill_items(out) == [("short", 5, 1), ("long", 11, 7)]
+    run = run_all(sched)
+    assert {s.request_id for s in run.finished} >= {"long", "tie"}
+    assert sched.block_manager.num_used_blocks == 0
+
+
+def test_running_prefills_of_one_rank_share_the_budget_shortest_first() -> None:
+    sched = make_sched(num_blocks=64, max_num_batched_tokens=16)
+    sched.add(make_seq("a", num_prompt=30, rank=1, arrival=0.0, max_tokens=2))
+    sched.add(make_seq("b", num_prompt=12, rank=1, arrival=1.0, max_tokens=2))
+    out, _ = step(sched)
+    assert _prefill_items(out) == [("a", 0, 16)]  # b waits: no budget left at admission
+    out, _ = step(sched)
+    # a has 14 left, b 12 (waiting): b is shorter and goes first.
+    assert _prefill_items(out) == [("b", 0, 12), ("a", 16, 4)]
+
+
+def test_a_yielded_prefill_takes_the_budget_when_the_waiting_head_does_not_fit() -> None:
+    sched = make_sched(num_blocks=12, max_num_batched_tokens=8, preempt_for_priority=False)
+    sched.add(make_seq("batch", num_prompt=40, rank=3, arrival=0.0, max_tokens=2))
+    step(sched)  # batch holds 10 of the 12 blocks
+    sched.add(make_seq("vip", num_prompt=12, rank=0, arrival=1.0, max_tokens=2))
+    out, _ = step(sched)
+    # vip needs 3 blocks and may not preempt: batch's prefill is not held back for nothing.
+    assert _prefill_items(out) == [("batch", 8, 8)]
+    vip = sched.get("vip")
+    assert vip is not None and vip.status is SequenceStatus.WAITING
+    run = run_all(sched)
+    assert {s.request_id for s in run.finished} == {"batch", "vip"}
+    assert sched.block_manager.num_used_blocks == 0
