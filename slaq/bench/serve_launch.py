@@ -32,18 +32,12 @@ from slaq.bench.stack import (
     wait_settled,
 )
 from slaq.platform.tiers import TierTable
+from slaq.sim.compare import DEFAULT_RUNS
+from slaq.sim.compare import RUNS as SIM_RUNS
 from slaq.sim.traces import Trace
 
-# name -> (policy, disaggregated)
-RUNS: dict[str, tuple[str, bool]] = {
-    "fifo": ("fifo", False),
-    "static": ("static", True),
-    "slaq": ("slaq", True),
-    "slaq-agg": ("slaq", False),
-    "static-agg": ("static", False),
-    "fifo-disagg": ("fifo", True),
-}
-DEFAULT_RUNS = ("fifo", "static", "slaq", "slaq-agg")
+# The simulator's run names (name -> (policy, disaggregated)), plus a disaggregated fifo.
+RUNS: dict[str, tuple[str, bool]] = {**SIM_RUNS, "fifo-disagg": ("fifo", True)}
 Echo = Callable[[str], None]
 
 
