@@ -15,6 +15,7 @@ enter the ledger), or lost.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -96,10 +97,8 @@ class StackConfig:
 
 def _renice(increment: int):
     def apply() -> None:
-        try:
+        with contextlib.suppress(PermissionError):  # not privileged: default priority
             os.nice(increment)
-        except PermissionError:  # not privileged: run at the default priority
-            pass
 
     return apply
 

@@ -26,6 +26,8 @@ CONTROL_QUEUE = "control"
 NUM_PRIORITIES = 10  # Redis-style 0 (most urgent) .. 9
 # Messages sent without a priority: as urgent as the default tier, not the top bucket.
 DEFAULT_PRIORITY = 3
+# The app's scheduling mode (``Settings.policy``), read by the ticket senders.
+POLICY_CONF_KEY = "slaq_policy"
 
 
 def prefill_queue(tier: str, policy: str = "slaq") -> str:
@@ -88,6 +90,7 @@ def celery_config(settings: Settings, extra_queues: tuple[str, ...] = ()) -> dic
     names = [*PREFILL_QUEUES, FIFO_QUEUE, DECODE_ANY_QUEUE, CONTROL_QUEUE, *extra_queues]
     return {
         "broker_url": broker,
+        POLICY_CONF_KEY: settings.policy,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             # kombu's Redis transport keeps one list per step; default [0, 3, 6, 9] would

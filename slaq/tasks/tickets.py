@@ -16,6 +16,7 @@ from slaq.platform.tiers import TierTable
 from slaq.tasks.config import (
     DECODE_TASK,
     DEFAULT_PRIORITY,
+    POLICY_CONF_KEY,
     PREFILL_TASK,
     broker_priority,
     decode_queue,
@@ -53,18 +54,19 @@ def send_prefill_ticket(request_id: object, attempt: int, tier: str, *,
 
     ``priority`` (Redis-style, 0 most urgent) defaults to the tier's ``queue_priority``; the
     reprioritiser passes a lower number to age a ticket whose deadline is near. Under the
-    ``fifo`` policy (``policy``, else ``SLAQ_POLICY``) every ticket goes to the one fifo queue
-    with the same priority, whatever its tier: arrival order is the only order.
+    ``fifo`` policy (``policy``, else the one the app was built with) every ticket goes to the
+    one fifo queue with the same priority, whatever its tier: arrival order is the only order.
     """
     table = tiers or _env_tiers()
     try:
         tier_priority = table[tier].queue_priority
     except KeyError as exc:
         raise ValueError(f"unknown tier {tier!r}") from exc
-    policy = policy or Settings.from_env().policy
+    app = _app(app)
+    # From the app, built once from its process's settings: no env read per ticket.
+    policy = policy or app.conf.get(POLICY_CONF_KEY) or "slaq"
     if policy == "fifo":
         tier_priority, priority = DEFAULT_PRIORITY, None
-    app = _app(app)
     queue = make_queue(prefill_queue(tier, policy))
     app.send_task(PREFILL_TASK, args=[_wire_id(request_id), int(attempt)], queue=queue,
                   priority=broker_priority(tier_priority if priority is None else priority,

@@ -8,7 +8,7 @@ URL), ``MODEL`` (model-store name or path), ``MODELS_DIR``, ``MAX_MODEL_LEN`` (c
 own context length), ``TIERS_FILE``, ``STREAM_IDLE_TIMEOUT_S`` (default: the tier's deadline),
 ``TICKET_SENDER`` (a ``(request_id, attempt, tier) -> None`` callable; default: Celery),
 ``ADMISSION_TTL_S`` (how long the reprioritiser's admission state is cached; default 0.5 s),
-``REDIS_MAX_CONNECTIONS`` (default 2048).
+``REDIS_MAX_CONNECTIONS`` (default 2048), ``POLICY`` (``SLAQ_POLICY``: which queue tickets go to).
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def config_from_settings(settings: Settings, database_url: str | None = None,
         "MODEL": settings.model,
         "MODELS_DIR": str(settings.models_dir),
         "TIERS_FILE": settings.tiers_file,
+        "POLICY": settings.policy,
     }
 
 
@@ -98,7 +99,8 @@ def _celery_sender(config: Mapping[str, Any], tiers: TierTable) -> TicketSender:
     from slaq.tasks.tickets import send_prefill_ticket
 
     celery = create_celery_app(Settings(redis_url=config["REDIS_URL"],
-                                        broker_url=config.get("BROKER_URL")))
+                                        broker_url=config.get("BROKER_URL"),
+                                        policy=config.get("POLICY") or "slaq"))
 
     def send(request_id: str, attempt: int, tier: str) -> None:
         send_prefill_ticket(request_id, attempt, tier, app=celery, tiers=tiers)

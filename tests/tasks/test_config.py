@@ -113,12 +113,13 @@ def test_fifo_tickets_share_one_queue_in_arrival_order(private_redis_url):
     assert queues_for_role("prefill", "p0", "fifo") == [FIFO_QUEUE]
     assert queues_for_role("both", "b0", "fifo") == [FIFO_QUEUE, "decode.b0", DECODE_ANY_QUEUE]
     assert queues_for_role("decode", "d0", "fifo") == ["decode.d0", DECODE_ANY_QUEUE]
-    app = create_app(Settings(redis_url=private_redis_url))
+    # The sender takes the policy from the app, as the API's and beat's senders do.
+    app = create_app(Settings(redis_url=private_redis_url, policy="fifo"))
     tiers = TierTable()
     order = ["batch", "flex", "default", "priority", "default"]
     for i, tier in enumerate(order):
         # An explicit (aged) priority does not jump the line either.
-        send_prefill_ticket(f"f{i}", 1, tier, app=app, tiers=tiers, policy="fifo",
+        send_prefill_ticket(f"f{i}", 1, tier, app=app, tiers=tiers,
                             priority=0 if tier == "default" else None)
     assert _drain(app, list(PREFILL_QUEUES), 5) == []  # no tier queue holds any of them
     got = _drain(app, [FIFO_QUEUE], 5)

@@ -14,6 +14,7 @@ after ``timeout_s``, and the caller re-prefills.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -198,10 +199,8 @@ class NixlTransport(Transport):
             ag.deregister_memory(reg)
 
     def _release(self, handle: Any) -> None:
-        try:
+        with contextlib.suppress(Exception):  # a handle stuck in flight goes with the agent
             self._agent.release_xfer_handle(handle)
-        except Exception:  # a handle stuck in flight goes with the agent
-            pass
 
     def _load_remote(self, agent: str, meta: bytes) -> str:
         name = self._remotes.get(agent)
@@ -216,10 +215,8 @@ class NixlTransport(Transport):
     def _forget_remote(self, agent: str) -> None:
         name = self._remotes.pop(agent, None)
         if name is not None:
-            try:
+            with contextlib.suppress(Exception):  # already unreachable
                 self._agent.remove_remote_agent(name)
-            except Exception:  # already unreachable
-                pass
 
     def close(self) -> None:
         with self._lock:
