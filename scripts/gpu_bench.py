@@ -146,7 +146,8 @@ def kernels(out: Path) -> None:
                             "device": torch.cuda.get_device_name(), "results": rows})
 
 
-def _decode_step_times(engine: Any, prompts: list[list[int]], steps: int) -> dict[str, Any]:
+def _decode_step_times(engine: Any, prompts: list[list[int]], steps: int,
+                       profile: Any = None) -> dict[str, Any]:
     """Bring every request into decode, then time whole engine steps and, on the same inputs,
     the graph replay alone (device time plus input copies) and the sampler."""
     from slaq.gpu_workers.engine.config import SamplingParams
@@ -166,6 +167,7 @@ def _decode_step_times(engine: Any, prompts: list[list[int]], steps: int) -> dic
         engine.step()
         walls.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
+    profiled = profile(engine) if profile is not None else None
     seqs = list(sched.running)
     pos = [s.num_tokens - 2 for s in seqs]  # a position whose KV slot exists: rewritten, same
     ids = [s.token_id_at(p) for s, p in zip(seqs, pos, strict=True)]
@@ -177,12 +179,16 @@ def _decode_step_times(engine: Any, prompts: list[list[int]], steps: int) -> dic
         return graphs.run(ids, pos, slots, tables)
 
     rows = [SampleRequest(s.request_id, s.params, ()) for s in seqs]
-    logits = replay()
+    logits, greedy_ids = replay()
     replay_us = _time_cuda(replay, iters=steps)
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.runner.sampler.sample(logits, rows)
     sample_us = (time.perf_counter() - t0) / steps * 1e6
+    t0 = time.perf_counter()
+    for _ in range(steps):  # the path greedy batches take: argmax already done in the graph
+        engine.runner.sampler.sample(logits, rows, greedy_ids)
+    greedy_us = (time.perf_counter() - t0) / steps * 1e6
     while engine.has_unfinished():
         engine.step()
     med = sorted(walls)[len(walls) // 2]
@@ -191,7 +197,9 @@ def _decode_step_times(engine: Any, prompts: list[list[int]], steps: int) -> dic
             "tok_per_s_at_median_step": round(len(seqs) / med, 1),
             "graph_replay_ms": round(replay_us / 1e3, 3),
             "sampler_ms": round(sample_us / 1e3, 3),
-            "host_ms_not_hidden": round(med * 1e3 - replay_us / 1e3, 3)}
+            "sampler_greedy_in_graph_ms": round(greedy_us / 1e3, 3),
+            "host_ms_not_hidden": round(med * 1e3 - replay_us / 1e3, 3),
+            "profile": profiled}
 
 
 def breakdown(out: Path) -> None:
@@ -206,12 +214,16 @@ def breakdown(out: Path) -> None:
                             runners=("graphs",))
     result: dict[str, Any] = {"bench": "decode_step_breakdown",
                               "device": torch.cuda.get_device_name(), "runners": {}}
-    for runner in ("graphs", "graphs-plain"):
+    from gpu_profile import profile_decode
+
+    runners = os.environ.get("SLAQ_BREAKDOWN_RUNNERS", "graphs,graphs-plain").split(",")
+    for runner in runners:
         engine = build_engine(cfg, runner, 128, _num_blocks(cfg))
         rows = []
         for b in (1, 128):
-            rows.append(_decode_step_times(engine, _prompts(cfg, b, vocab, b), steps=40))
-            print(runner, json.dumps(rows[-1]), flush=True)
+            rows.append(_decode_step_times(engine, _prompts(cfg, b, vocab, b), steps=40,
+                                           profile=profile_decode))
+            print(runner, json.dumps(rows[-1])[:2000], flush=True)
             result["runners"][runner] = rows
             _write(out, "breakdown", result)
         engine.close()

@@ -55,19 +55,49 @@ def api(host: str, port: int, threads: int) -> None:
     serve(host=host, port=port, settings=settings, services=services, threads=threads)
 
 
+_LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_POSITIVE = click.IntRange(min=1)
+
+
 @main.command()
 @click.option("--role", type=click.Choice(["prefill", "decode", "both"]), required=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--name", default=None, help="Worker name (default: <role>-<host>-<pid>).")
-@click.option("--concurrency", default=64, show_default=True, type=int)
+@click.option("--concurrency", default=None, type=_POSITIVE,
+              help="Celery threads, i.e. tickets held at once (default: --max-num-seqs, one "
+                   "per engine seat).")
 @click.option("--engine", "engine_kind", type=click.Choice(["torch", "sim"]), default="torch",
               show_default=True)
-def worker(role: str, device: str, name: str | None, concurrency: int, engine_kind: str) -> None:
+@click.option("--num-blocks", default=None, type=_POSITIVE,
+              help="KV pool size in blocks (default: sized from memory).")
+@click.option("--max-num-seqs", default=None, type=_POSITIVE,
+              help="Engine seats: sequences run at once (default: 64).")
+@click.option("--transport", type=click.Choice(["auto", "nixl"]), default="auto",
+              show_default=True,
+              help="KV hand-off: auto = shm (CPU) or CUDA IPC (GPU) on one host; nixl across "
+                   "hosts.")
+@click.option("--loglevel", type=click.Choice(_LOGLEVELS, case_sensitive=False),
+              default="INFO", show_default=True)
+def worker(role: str, device: str, name: str | None, concurrency: int | None,
+           engine_kind: str, num_blocks: int | None, max_num_seqs: int | None, transport: str,
+           loglevel: str) -> None:
     """Run a Celery worker bound to one device, holding one engine."""
-    from slaq.gpu_workers.worker import run_worker
+    import logging
 
-    run_worker(role=role, device=device, name=name, concurrency=concurrency,
-               engine_kind=engine_kind, settings=_settings())
+    from slaq.gpu_workers.worker import WorkerOptions, run_worker
+
+    try:  # combinations the options alone cannot check (e.g. sim engine with nixl)
+        opts = WorkerOptions(role=role, device=device, name=name, concurrency=concurrency,
+                             engine_kind=engine_kind, num_blocks=num_blocks,
+                             max_num_seqs=max_num_seqs, transport=transport,
+                             loglevel=loglevel.upper())
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    settings = _settings()
+    # Before Celery sets up its own logging: model loading and "ready" are logged earlier.
+    logging.basicConfig(level=opts.loglevel,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(run_worker(opts, settings))
 
 
 @main.command()

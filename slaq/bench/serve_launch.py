@@ -75,6 +75,12 @@ class LaunchConfig:
         parse_runs(",".join(self.runs))
         if self.settle_timeout_s <= 0:
             raise ValueError("settle_timeout_s must be > 0")
+        # Checked here too, before a long run starts its first stack (each worker is
+        # `slaq worker --num-blocks N --max-num-seqs M`, which refuses < 1 as well).
+        for name in ("num_blocks", "max_num_seqs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1")
         if self.num_prefill is not None and not 1 <= self.num_prefill < self.num_workers:
             raise ValueError("num_prefill must be in [1, num_workers)")
 

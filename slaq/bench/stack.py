@@ -83,6 +83,8 @@ class StackConfig:
             raise ValueError("sim_speed and orphan_timeout_s must be > 0")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
         if self.num_prefill is not None and not 1 <= self.num_prefill < self.num_workers:
             raise ValueError("num_prefill must be in [1, num_workers)")
 
@@ -255,12 +257,13 @@ class Stack:
         return env
 
     def _slaq(self, *args: str) -> list[str]:
+        """``slaq ARGS`` with this interpreter (the console script may not be on PATH)."""
         return [sys.executable, "-m", "slaq.cli", *args]
 
     def start_worker(self, name: str, role: str = "both") -> Proc:
-        # The worker module's own entry point: it takes the KV pool size and seat limit.
-        argv = [sys.executable, "-m", "slaq.gpu_workers.worker", "--role", role, "--engine",
-                "sim", "--device", "cpu", "--name", name]
+        # ``slaq worker``, the command a user runs (pool size follows --max-num-seqs there).
+        argv = self._slaq("worker", "--role", role, "--engine", "sim", "--device", "cpu",
+                          "--name", name)
         if self.cfg.num_blocks is not None:
             argv += ["--num-blocks", str(self.cfg.num_blocks)]
         if self.cfg.max_num_seqs is not None:

@@ -7,7 +7,11 @@ next step, which is what makes concurrent tickets share batches (continuous batc
 
 The loop also keeps the prefill side of the lease protocol: blocks held for a decode worker
 are freed once their lease is gone (pulled, or expired), checked every
-``lease_check_interval_s``.
+``lease_check_interval_s``. On the decode side, :meth:`EngineLoop.reserve_prefix` pins the
+blocks of a coming hand-off's prompt that the engine has cached, before the pull, so that only
+the rest is pulled; the pin lasts until the request is added (however long it waits for room),
+aborted or released. Pinning and adding both run on the loop thread, and a pinned block holds
+a reference, so no step in between can evict it.
 """
 
 from __future__ import annotations
@@ -160,8 +164,10 @@ class EngineLoop:
                               rank: int = 1, num_cached_tokens: int = 0) -> RequestHandle:
         """Queue a request whose prompt KV (and first token) came from a prefill worker.
 
-        When the engine has no seat or blocks for it yet, it waits (its blocks count as
-        reserved) and is admitted as soon as running requests free enough.
+        ``kv``: the blocks after those :meth:`reserve_prefix` pinned (None when all were), or
+        all of them. When the engine has no seat or blocks for it yet, it waits (its blocks
+        count as reserved) and is admitted as soon as running requests free enough. A request
+        that fails or is aborted before it is added gives its pinned blocks back.
         """
         def add(engine: Any) -> None:
             engine.add_prefilled_request(request_id, prompt_token_ids, first_token_id, params,
@@ -175,14 +181,30 @@ class EngineLoop:
             # Tier order, then arrival: a waiting priority request takes the first room freed.
             i = next((i for i, p in enumerate(self._pending) if p.rank > rank),
                      len(self._pending))
-            self._pending.insert(i, _Pending(request_id, add, int(kv.shape[2]), rank))
+            num_blocks = 0 if kv is None else int(kv.shape[2])
+            self._pending.insert(i, _Pending(request_id, add, num_blocks, rank))
             self._admit_pending()
 
         self.call(enqueue)
         return handle
 
+    def reserve_prefix(self, request_id: str, prompt_token_ids: list[int]) -> int:
+        """Pin the cached leading blocks of a coming hand-off's prompt; how many (their KV
+        need not be pulled). :meth:`add_prefilled_request` with the same id takes them over;
+        call :meth:`release_prefix` if the hand-off does not happen."""
+        def pin(engine: Any) -> int:
+            self._check_new(request_id)
+            return int(engine.reserve_prefix(request_id, prompt_token_ids))
+
+        return self.call(pin)
+
+    def release_prefix(self, request_id: str) -> None:
+        """Give back what :meth:`reserve_prefix` pinned (a no-op once the request was added)."""
+        self.call(lambda engine: engine.release_prefix(request_id))
+
     def abort(self, request_id: str) -> None:
-        """Stop a request and drop its blocks (leased ones too); unknown ids are ignored."""
+        """Stop a request and drop its blocks (leased and pinned ones too); unknown ids are
+        ignored."""
         def do(engine: Any) -> None:
             self._handles.pop(request_id, None)
             self._leases.pop(request_id, None)
@@ -235,26 +257,55 @@ class EngineLoop:
         """Admit waiting prefilled requests, most important tier first, while they fit."""
         while self._pending:
             pending = self._pending[0]
-            handle = self._handles.get(pending.request_id)
-            if handle is None:  # aborted while waiting
+            if self._handles.get(pending.request_id) is None:  # aborted while waiting
                 self._pending.popleft()
+                self.engine.release_prefix(pending.request_id)
                 continue
             try:
                 pending.add(self.engine)
             except NoRoomError as exc:
                 if self.engine.has_unfinished():
                     return  # running requests will free room
-                # Nothing runs and it still does not fit: it never will.
-                self._pending.popleft()
-                del self._handles[pending.request_id]
-                handle._put(exc)
+                # Nothing runs. Blocks pinned for other hand-offs may be what it lacks: one
+                # queued behind it that fits goes first (it finishes and gives them back),
+                # and pins of pulls still in flight end soon (added or released).
+                if self._admit_one_behind():
+                    continue
+                others = self.engine.pinned_requests() - {pending.request_id}
+                if others - {p.request_id for p in self._pending}:
+                    return
+                self._drop_head(exc)  # it never will fit
                 continue
             except Exception as exc:  # noqa: BLE001 - belongs to that request only
-                self._pending.popleft()
-                del self._handles[pending.request_id]
-                handle._put(exc)
+                self._drop_head(exc)
                 continue
             self._pending.popleft()
+
+    def _admit_one_behind(self) -> bool:
+        """Admit the first waiting request after the head that fits now; whether one did."""
+        for pending in list(self._pending)[1:]:
+            handle = self._handles.get(pending.request_id)
+            if handle is None:
+                continue  # aborted: dropped when it reaches the head
+            try:
+                pending.add(self.engine)
+            except NoRoomError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - belongs to that request only
+                self._pending.remove(pending)
+                del self._handles[pending.request_id]
+                self.engine.release_prefix(pending.request_id)
+                handle._put(exc)
+                continue
+            self._pending.remove(pending)
+            return True
+        return False
+
+    def _drop_head(self, exc: BaseException) -> None:
+        pending = self._pending.popleft()
+        handle = self._handles.pop(pending.request_id)
+        self.engine.release_prefix(pending.request_id)
+        handle._put(exc)
 
     def _run(self) -> None:
         next_lease_check = 0.0

@@ -3,6 +3,11 @@
 The hash's schema is :class:`slaq.platform.pressure.Heartbeat`. The key expires
 ``heartbeat_ttl_s`` after the last write, so a dead worker disappears from routing on its own;
 a clean stop deletes it at once.
+
+Workers that decode also publish :func:`cache_fields`: a bounded sample of their prefix
+cache's chain hashes, which prefill workers match against a prompt to route its hand-off to
+the worker that holds its prefix (:mod:`slaq.platform.affinity`), and their hand-off reuse
+counters.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -17,6 +23,19 @@ from slaq.platform.keys import heartbeat_key
 from slaq.platform.pressure import Heartbeat
 
 log = logging.getLogger(__name__)
+
+
+def cache_fields(role: str, engine_stats: Any) -> dict[str, Any]:
+    """The heartbeat fields about the prefix cache and hand-off reuse, from ``LLMEngine.stats()``.
+
+    A prefill worker publishes no hashes: nothing is routed to it by prefix.
+    """
+    return {
+        "prefix_hashes": (list(getattr(engine_stats, "prefix_hashes", ()))
+                          if role != "prefill" else []),
+        "num_handoff_blocks": int(getattr(engine_stats, "handoff_blocks_total", 0)),
+        "num_handoff_blocks_reused": int(getattr(engine_stats, "handoff_blocks_reused", 0)),
+    }
 
 
 def publish(client: redis.Redis, hb: Heartbeat, ttl_s: float) -> None:

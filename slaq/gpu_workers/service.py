@@ -5,8 +5,13 @@ finish here if that already ends the request; otherwise lease the KV blocks and 
 ticket to the least-pressured decode worker. A ``both`` worker instead keeps decoding in its
 own engine (no transfer).
 
-Decode (``slaq.decode``): claim prefilling→decoding; pull the leased blocks and delete the
-lease; stream the remaining tokens; finish in the ledger. No lease → re-prefill.
+Decode (``slaq.decode``): claim prefilling→decoding; pin the prompt's leading blocks the
+decode engine has cached itself (an earlier turn of the conversation), pull the other leased
+blocks and delete the lease; stream the remaining tokens; finish in the ledger. No lease →
+re-prefill.
+
+Routing: the prefill side sends the decode ticket to the worker :class:`DecodeRouter` picks
+from the prompt's block hashes (prefix affinity, :mod:`slaq.platform.affinity`) and pressure.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 import redis
 
+from slaq.gpu_workers.engine.block_manager import block_hashes
 from slaq.gpu_workers.engine.config import SamplingParams
 from slaq.gpu_workers.engine.outputs import RequestOutput
 from slaq.gpu_workers.engine_loop import EngineLoop
@@ -216,9 +222,16 @@ class WorkerService:
         except Exception:
             self.loop.call(lambda e: e.free_request(eid))
             raise
-        target = self.router.pick()
+        target = self.router.pick(prefix_hashes=self._prefix_hashes(item.prompt_token_ids),
+                                  num_blocks=len(lease.block_ids))
         self._send_decode(item.request_id, attempt, target, priority=item.queue_priority)
         return Outcome("handed_off", f"{len(lease.block_ids)} blocks to {target or 'decode.any'}")
+
+    def _prefix_hashes(self, prompt_token_ids: list[int]) -> list[int]:
+        # The chain hashes decode workers' prefix caches use (same block size on both sides:
+        # a hand-off moves whole blocks). The config is frozen: safe to read off the loop.
+        block_size = self.loop.engine.config.cache.block_size
+        return block_hashes(prompt_token_ids, block_size)
 
     def _lease(self, item: WorkItem, attempt: int, eid: str, progress: _Progress) -> Lease:
         block_ids = self.loop.call(lambda e: list(e.leased_blocks(eid)))
@@ -261,12 +274,14 @@ class WorkerService:
 
     # -- decode -----------------------------------------------------------------------
     def decode(self, request_id: str, attempt: int) -> Outcome:
-        """Handle a decode ticket: pull the leased KV, stream the rest, finish."""
+        """Handle a decode ticket: pull the leased KV (less what is cached here), stream the
+        rest, finish."""
         if not self.ledger.start_decode(request_id, attempt, self.name):
             return Outcome("dropped", "stale or duplicate decode ticket")
         item = self.ledger.load(request_id)
+        eid = engine_request_id(request_id, attempt)
         try:
-            pulled = self._pull(item, attempt)
+            pulled = self._pull(item, attempt, eid)
             if pulled is None:
                 if attempt >= MAX_ATTEMPTS:
                     raise TransferError(f"KV hand-off failed {attempt} times")
@@ -275,39 +290,70 @@ class WorkerService:
                     return Outcome("dropped", "the request moved on")
                 self._send_prefill(request_id, new_attempt, item.tier)
                 return Outcome("retried", f"no lease; re-prefill as attempt {new_attempt}")
-            kv, lease = pulled
+            kv, lease, reused = pulled
             cached = int(lease.descriptor.get("cached_tokens", "0") or 0)
-            handle = self.loop.add_prefilled_request(
-                engine_request_id(request_id, attempt), item.prompt_token_ids,
-                lease.first_token_id, item.params, kv, rank=item.rank, num_cached_tokens=cached)
+            try:
+                handle = self.loop.add_prefilled_request(
+                    eid, item.prompt_token_ids, lease.first_token_id, item.params, kv,
+                    rank=item.rank, num_cached_tokens=cached)
+            except BaseException:
+                self._unpin(eid)
+                raise
             progress = _Progress(token_ids=[lease.first_token_id],
                                  text=lease.descriptor.get("first_text", ""),
                                  num_cached_tokens=cached)
             self._stream(item, attempt, handle.outputs(OUTPUT_TIMEOUT_S), progress)
-            return Outcome("finished", f"{len(progress.token_ids)} tokens")
+            return Outcome("finished", f"{len(progress.token_ids)} tokens; "
+                                       f"{reused} of {len(lease.block_ids)} KV blocks cached here")
         except Exception as exc:
             self._fail(item, attempt, exc)
             raise
 
-    def _pull(self, item: WorkItem, attempt: int) -> tuple[Any, Lease] | None:
+    def _pull(self, item: WorkItem, attempt: int,
+              eid: str) -> tuple[Any, Lease, int] | None:
+        """``(kv, lease, reused)``: the leased KV past the ``reused`` leading blocks pinned in
+        this engine's prefix cache (kv None when every block was), or None when the lease is
+        gone or the pull failed (nothing stays pinned then)."""
         lease = self.leases.read(item.request_id)
         if lease is None or lease.attempt != attempt:
             return None
         puller = self.pullers.get(lease.transport)
         if puller is None:
             raise TransferError(f"this worker cannot pull over {lease.transport!r}")
+        reused = self._reserve(eid, item, lease)
         try:
-            kv = puller.pull(lease)
-        except TransferError:
-            log.warning("pull of %s from %s failed; re-prefilling", item.request_id,
-                        lease.prefill_worker, exc_info=True)
-            self.leases.release(item.request_id)
-            return None
-        # Deleting the lease is what lets the owner free the blocks. If it had expired
-        # meanwhile, the owner may have reused them during our copy: discard it.
-        if not self.leases.release(item.request_id):
-            return None
-        return kv, lease
+            part = lease.tail(reused, self.loop.engine.config.cache.block_size)
+            try:
+                kv = None if part is None else puller.pull(part)
+            except TransferError:
+                log.warning("pull of %s from %s failed; re-prefilling", item.request_id,
+                            lease.prefill_worker, exc_info=True)
+                self._unpin(eid)
+                self.leases.release(item.request_id)
+                return None
+            # Deleting the lease is what lets the owner free the blocks. If it had expired
+            # meanwhile, the owner may have reused them during our copy: discard it.
+            if not self.leases.release(item.request_id):
+                self._unpin(eid)
+                return None
+        except BaseException:
+            self._unpin(eid)
+            raise
+        return kv, lease, reused
+
+    def _reserve(self, eid: str, item: WorkItem, lease: Lease) -> int:
+        """Pin the leading leased blocks this engine has cached; how many (0 when the lease's
+        blocks are not this engine's block size, whose hashes would not match)."""
+        block_size = self.loop.engine.config.cache.block_size
+        if len(lease.block_ids) != -(-len(item.prompt_token_ids) // block_size):
+            return 0
+        return self.loop.reserve_prefix(eid, item.prompt_token_ids)
+
+    def _unpin(self, eid: str) -> None:
+        try:
+            self.loop.release_prefix(eid)
+        except Exception:  # noqa: BLE001 - a stopped loop has no pins to give back
+            log.debug("could not release the pins of %s", eid, exc_info=True)
 
     def _stream(self, item: WorkItem, attempt: int, outputs: Iterator[RequestOutput],
                 progress: _Progress) -> None:

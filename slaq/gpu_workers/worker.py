@@ -1,9 +1,15 @@
 """Bind a Celery worker to a role and a device.
 
-``python -m slaq.gpu_workers.worker --role prefill|decode|both --device cpu --name NAME``
-(and ``slaq worker``, which calls :func:`run_worker`) loads the model, starts the engine
-thread, the heartbeat thread and then a Celery worker with a thread pool: many tickets wait
-concurrently on their requests while one thread steps the engine, so they share batches.
+``slaq worker --role prefill|decode|both --device cpu --name NAME`` (also reachable as
+``python -m slaq.gpu_workers.worker``, the same click command) loads the model, starts the
+engine thread, the heartbeat thread and then a Celery worker with a thread pool: many tickets
+wait concurrently on their requests while one thread steps the engine, so they share batches.
+
+A ticket holds its pool thread for as long as its request runs here (a ``both`` or decode
+worker: to the last token; a prefill worker: to the hand-off), so the pool is as large as the
+engine has seats (``max_num_seqs``), and with ``acks_late``, prefetch multiplier 1 and
+``worker_disable_prefetch`` (:mod:`slaq.tasks.config`) the worker holds no more tickets than
+that: the rest wait in the broker, where priorities, re-tickets and other workers reach them.
 
 Queues: a prefill worker drains ``prefill.priority|default|flex|batch`` in that order (under
 ``SLAQ_POLICY=fifo`` the one ``prefill.fifo`` instead); a decode worker ``decode.<NAME>`` then
@@ -16,7 +22,6 @@ cost model says the transfer would.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -35,7 +40,7 @@ from slaq.platform.settings import Settings
 log = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "both")
-DEFAULT_CONCURRENCY = 64
+LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(frozen=True)
@@ -45,10 +50,10 @@ class WorkerOptions:
     role: str
     device: str = "cpu"
     name: str | None = None
-    concurrency: int = DEFAULT_CONCURRENCY
+    concurrency: int | None = None  # Celery threads; None = one per engine seat
     engine_kind: str = "torch"
     num_blocks: int | None = None  # KV pool size; None = sized from memory
-    max_num_seqs: int | None = None
+    max_num_seqs: int | None = None  # engine seats; None = SchedulerConfig's default
     # KV hand-off: "auto" = shm on CPU, CUDA IPC on a GPU (same host); "nixl" across hosts.
     transport: str = "auto"
     loglevel: str = "INFO"
@@ -56,8 +61,12 @@ class WorkerOptions:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-        if self.concurrency < 1:
+        if self.concurrency is not None and self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.loglevel not in LOGLEVELS:
+            raise ValueError(f"loglevel must be one of {LOGLEVELS}, got {self.loglevel!r}")
         if self.engine_kind not in ("torch", "sim"):
             raise ValueError(f"engine must be torch or sim, got {self.engine_kind!r}")
         if self.transport not in ("auto", "nixl"):
@@ -70,6 +79,19 @@ class WorkerOptions:
     @property
     def worker_name(self) -> str:
         return self.name or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
+
+    @property
+    def seats(self) -> int:
+        """Sequences the engine runs at once (``max_num_seqs`` or the engine's default)."""
+        from slaq.gpu_workers.engine.config import SchedulerConfig
+
+        return self.max_num_seqs or SchedulerConfig().max_num_seqs
+
+    @property
+    def pool_size(self) -> int:
+        """Celery threads = tickets held at once: ``concurrency`` if given, else one a seat
+        (more would only wait inside the engine, out of the broker's and the policy's reach)."""
+        return self.concurrency or self.seats
 
 
 def _model_path(settings: Settings) -> str:
@@ -151,15 +173,8 @@ def build_engine(opts: WorkerOptions, model_path: str, shm_name: str | None) -> 
     return LLMEngine(config, runner=opts.engine_kind)
 
 
-def run_worker(role: str, device: str = "cpu", name: str | None = None,
-               concurrency: int = DEFAULT_CONCURRENCY, engine_kind: str = "torch",
-               settings: Settings | None = None, *, num_blocks: int | None = None,
-               max_num_seqs: int | None = None, transport: str = "auto",
-               loglevel: str = "INFO") -> int:
+def run_worker(opts: WorkerOptions, settings: Settings | None = None) -> int:
     """Run a worker until it is stopped (SIGTERM/SIGINT: warm shutdown). Returns the exit code."""
-    opts = WorkerOptions(role=role, device=device, name=name, concurrency=concurrency,
-                         engine_kind=engine_kind, num_blocks=num_blocks,
-                         max_num_seqs=max_num_seqs, transport=transport, loglevel=loglevel)
     settings = resolve_settings(settings or Settings.from_env())
     runtime = WorkerRuntime(opts, settings, model_path=_model_path(settings),
                             build_engine=build_engine)
@@ -244,8 +259,10 @@ class WorkerRuntime:
                                          interval_s=s.heartbeat_interval_s,
                                          ttl_s=s.heartbeat_ttl_s)
         self.heartbeat.start()
-        log.info("worker %s (%s on %s) ready; queues %s", self.name, self.opts.role,
-                 self.opts.device, ",".join(self.queues))
+        es, _ = self.loop.stats()
+        log.info("worker %s (%s on %s) ready; queues %s; %d seats, %d KV blocks, %d threads",
+                 self.name, self.opts.role, self.opts.device, ",".join(self.queues),
+                 self.opts.seats, es.num_blocks_total, self.opts.pool_size)
         return self
 
     def _engine_failed(self, exc: BaseException) -> None:
@@ -309,6 +326,7 @@ class WorkerRuntime:
         return self.loop.call(lambda e: e.read_blocks(block_ids))
 
     def build_heartbeat(self) -> Any:
+        from slaq.gpu_workers.heartbeat import cache_fields
         from slaq.platform.pressure import Heartbeat
 
         es, ls = self.loop.stats()
@@ -326,13 +344,13 @@ class WorkerRuntime:
             max_batch_size=max(ls.max_batch_size, getattr(es, "max_batch_size", 0)),
             ttft_ms=ls.ttft_ms, tpot_ms=ls.tpot_ms, num_finished=ls.num_finished,
             queues=list(self.queues), pid=os.getpid(), host=socket.gethostname(),
-            time=time.time())
+            time=time.time(), **cache_fields(self.opts.role, es))
 
     def consume(self) -> int:
         """Run the Celery worker in this thread until shutdown; returns its exit code."""
         worker = self.app.Worker(
             hostname=f"{self.name}@{socket.gethostname()}", pool_cls="threads",
-            concurrency=self.opts.concurrency, queues=self.queues,
+            concurrency=self.opts.pool_size, queues=self.queues,
             loglevel=self.opts.loglevel, without_gossip=True, without_mingle=True,
             optimization="fair")
         worker.start()
@@ -350,35 +368,14 @@ class WorkerRuntime:
             self.engine.close()
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m slaq.gpu_workers.worker",
-                                description="Run a slaq GPU (or CPU) worker.")
-    p.add_argument("--role", choices=ROLES, required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--name", default=None, help="unique worker name (default role-host-pid)")
-    p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
-    p.add_argument("--engine", dest="engine_kind", choices=("torch", "sim"), default="torch")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks")
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--transport", choices=("auto", "nixl"), default="auto",
-                   help="KV hand-off: auto = shm (CPU) or CUDA IPC (GPU); nixl across hosts")
-    p.add_argument("--loglevel", default="INFO")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: ``python -m slaq.gpu_workers.worker --role ... --name ...``."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.loglevel.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        settings = Settings.from_env()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return run_worker(args.role, args.device, args.name, args.concurrency, args.engine_kind,
-                      settings, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
-                      transport=args.transport, loglevel=args.loglevel)
+    """``python -m slaq.gpu_workers.worker ...``: the ``slaq worker`` command itself (same
+    options, same validation), kept for scripts that start workers this way."""
+    from slaq.cli import worker
+
+    worker.main(args=list(argv) if argv is not None else None,
+                prog_name="python -m slaq.gpu_workers.worker")
+    return 0  # not reached: click exits with the worker's code
 
 
 if __name__ == "__main__":  # pragma: no cover

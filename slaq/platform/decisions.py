@@ -54,13 +54,18 @@ log = logging.getLogger(__name__)
 TICKET_PREFIX = "ticket:"
 BUDGET_PREFIX = "admission:budget:"
 
-# Take n = ARGV[1] tokens from a tier's budget; nil when no budget is set (then nothing limits
-# it). A prompt over the cut ARGV[2] (when >= 0) takes nothing and gets -1: it falls back.
+# takes_budget (slaq.platform.snapshot) as one atomic step, so that API threads admitting at
+# once cannot overdraw it: nil when no budget is live (admit, uncounted); -1 when the prompt
+# ARGV[1] is over the cut ARGV[2] (when >= 0) or over what is left (fall back, take nothing);
+# else what is left after taking it (>= 0). DECRBY keeps the key's TTL.
 _TAKE_BUDGET = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+local left = redis.call('GET', KEYS[1])
+if not left then return nil end
+local n = tonumber(ARGV[1])
 local cut = tonumber(ARGV[2])
-if cut >= 0 and tonumber(ARGV[1]) > cut then return -1 end
-return redis.call('DECRBY', KEYS[1], ARGV[1])
+if cut >= 0 and n > cut then return -1 end
+if n > tonumber(left) then return -1 end
+return redis.call('DECRBY', KEYS[1], n)
 """
 
 
@@ -107,7 +112,8 @@ def decision_row(action: Action, extra: Mapping[str, Any] | None = None) -> dict
     elif isinstance(action, SetAdmission):
         decided = {"mode": action.mode, "budget_tokens": action.budget_tokens,
                    "predicted_ttft_ms": action.predicted_ttft_ms,
-                   "downgrade_to": action.downgrade_to, "retry_after_s": action.retry_after_s}
+                   "downgrade_to": action.downgrade_to, "retry_after_s": action.retry_after_s,
+                   "max_prompt_tokens": action.max_prompt_tokens}
     elif isinstance(action, Plan):
         decided = {"num_prefill": action.num_prefill, "num_decode": action.num_decode,
                    "num_aggregated": action.num_aggregated}
@@ -140,11 +146,13 @@ def record_decisions(session: Session, actions: Iterable[Action], at: datetime,
 class AdmissionState:
     """How the API admits new requests of one tier until the next decision.
 
-    Up to ``budget_tokens`` prompt tokens (counted down in Redis) are admitted as asked; past
-    the budget ``mode`` applies: ``downgrade`` to ``downgrade_to`` or ``refuse`` with
-    ``Retry-After: retry_after_s``. ``accept`` or ``budget_tokens=None`` admits everything.
-    A limited tier also sends a prompt longer than ``max_prompt_tokens`` (when set) to the
-    fallback without touching the budget: a short budget then serves more requests.
+    Up to ``budget_tokens`` prompt tokens (counted down in Redis) are admitted as asked; a
+    request that does not fit what is left gets ``mode``: ``downgrade`` to ``downgrade_to`` or
+    ``refuse`` with ``Retry-After: retry_after_s``, and takes nothing from the budget (the rule
+    is :func:`slaq.platform.snapshot.takes_budget`, which the simulator applies too).
+    ``accept`` or ``budget_tokens=None`` admits everything. A limited tier also sends a prompt
+    longer than ``max_prompt_tokens`` (when set) to the fallback without touching the budget:
+    a short budget then serves more requests.
     """
 
     tier: str
@@ -173,11 +181,9 @@ class AdmissionState:
     @classmethod
     def from_action(cls, action: SetAdmission, at: float) -> AdmissionState:
         p = action.predicted_ttft_ms
-        # The policy puts the cut among the decision's inputs (recorded with it as well).
-        cut = action.inputs.get("max_prompt_tokens")
         return cls(action.tier, action.mode, action.budget_tokens,
                    p if math.isfinite(p) else None, action.downgrade_to, action.retry_after_s,
-                   at, None if cut is None else int(cut))
+                   at, action.max_prompt_tokens)
 
     def to_json(self) -> str:
         return json.dumps({"mode": self.mode, "budget_tokens": self.budget_tokens,
@@ -318,7 +324,11 @@ class AdmissionCache:
             return self._states.get(tier) or AdmissionState(tier)
 
     def admit(self, tier: str, num_prompt_tokens: int) -> AdmissionVerdict:
-        """Serve as ``tier``, as its fallback tier, or refuse (the tier's policy says which)."""
+        """Serve as ``tier``, as its fallback tier, or refuse (the tier's policy says which).
+
+        :func:`~slaq.platform.snapshot.takes_budget` decides, atomically in Redis: a request
+        that does not fit the budget left falls back and takes nothing from it.
+        """
         state = self.get(tier)
         if not state.limited:
             return AdmissionVerdict(tier)

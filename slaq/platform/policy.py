@@ -11,8 +11,8 @@ same function once per cycle and apply what it returns. What it does, each part 
 * **admission**: per tier, a prompt-token budget that keeps the work queued ahead of a new
   request within its TTFT target (from queued work, prefill capacity and the inflow of more
   important tiers); past it the tier's fallback applies: downgrade or refuse. A short budget
-  also cuts prompts longer than a few fair shares of it (``max_prompt_tokens`` in the
-  decision's inputs), so it serves more requests;
+  also cuts prompts longer than a few fair shares of it (``SetAdmission.max_prompt_tokens``,
+  also recorded in the decision's inputs), so it serves more requests;
 * **orphan recovery**: work of dead workers and queued requests whose ticket was lost;
 * the **planner** figure: prefill / decode workers needed at the observed arrival rates.
 """
@@ -388,7 +388,7 @@ def _admission(predicted: dict[str, Prediction],
             budget, tier.downgrade_to if fallback == "downgrade" else None,
             int(min(120, max(1, math.ceil(over_s)))),
             {"predicted_ttft_ms": round(p.ttft_ms, 1), "ahead_tokens": int(p.ahead_tokens),
-             "avail_tok_s": round(p.avail_tok_s, 1), "max_prompt_tokens": max_prompt}))
+             "avail_tok_s": round(p.avail_tok_s, 1)}, max_prompt_tokens=max_prompt))
     return replace(state, admission=MappingProxyType(modes))
 
 

@@ -50,6 +50,11 @@ class Heartbeat:
     pid: int = 0
     host: str = ""
     time: float = 0.0  # Unix seconds when written
+    # Chain hashes of recently cached prefixes, bounded (prefix-affinity routing:
+    # slaq.platform.affinity); hand-off KV blocks received and, of those, found cached here.
+    prefix_hashes: list[int] = field(default_factory=list)
+    num_handoff_blocks: int = 0
+    num_handoff_blocks_reused: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -107,7 +112,7 @@ class Heartbeat:
 _INT_FIELDS = frozenset({
     "num_blocks_total", "num_blocks_used", "num_blocks_reserved", "num_blocks_leased",
     "num_running", "num_waiting", "num_preemptions", "last_batch_size", "max_batch_size",
-    "num_finished", "pid",
+    "num_finished", "pid", "num_handoff_blocks", "num_handoff_blocks_reused",
 })
 _FLOAT_FIELDS = frozenset({"prefill_tokens_per_s", "decode_tokens_per_s", "time"})
 _OPTIONAL_FLOAT_FIELDS = frozenset({"ttft_ms", "tpot_ms"})
@@ -127,6 +132,8 @@ def _parse(name: str, value: str) -> object:
             return float(value) if value else None
         if name == "queues":
             return list(json.loads(value)) if value else []
+        if name == "prefix_hashes":
+            return [int(h) for h in json.loads(value)] if value else []
     except (ValueError, TypeError) as exc:
         raise ValueError(f"heartbeat field {name}={value!r}: {exc}") from exc
     return value

@@ -153,6 +153,8 @@ class SetAdmission:
     keeps the count, e.g. with Redis ``DECRBY``); past the budget ``mode`` applies:
     ``downgrade`` (serve as ``downgrade_to``; the response's ``service_tier`` shows it) or
     ``refuse`` (429 with ``Retry-After: retry_after_s``). ``accept`` has no budget.
+    While a budget is live, a prompt longer than ``max_prompt_tokens`` (``None`` = no cut)
+    goes to the fallback at once without taking from the budget; see :func:`takes_budget`.
     """
 
     tier: str
@@ -163,12 +165,16 @@ class SetAdmission:
     downgrade_to: str | None = None
     retry_after_s: int = 1
     inputs: dict[str, Any] = field(default_factory=dict)
+    # Last, so that positional construction of the fields above stays as it was.
+    max_prompt_tokens: int | None = None
 
     kind = "admission"
 
     def __post_init__(self) -> None:
         if self.mode not in ADMISSION_MODES:
             raise ValueError(f"admission mode must be one of {ADMISSION_MODES}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError("max_prompt_tokens must be >= 1")
 
     @property
     def target(self) -> str:
@@ -191,3 +197,25 @@ class Plan:
 
 Action = SetGate | Reticket | SetRouting | SetAdmission | Plan
 ADMISSION_MODES = ("accept", "downgrade", "refuse")
+
+
+def takes_budget(budget_left: int | None, num_prompt_tokens: int,
+                 max_prompt_tokens: int | None = None) -> bool:
+    """The one admission rule, shared by the live API and the simulator: is a request of
+    ``num_prompt_tokens`` admitted as asked, taking them from its tier's budget?
+
+    * no live budget (``None``: no decision, or it expired) admits everything, uncounted;
+    * a prompt over the cut ``max_prompt_tokens`` falls back and takes nothing;
+    * otherwise it is admitted, and takes its tokens, only if they fit what is left;
+      one that does not fit falls back and **takes nothing**, so the budget never goes
+      negative and a later, shorter prompt that still fits is admitted within the cycle.
+
+    The caller subtracts ``num_prompt_tokens`` when this is True. The API does the check and
+    the take in one Lua script (:meth:`slaq.platform.decisions.AdmissionCache.admit`), so
+    concurrent API threads cannot overdraw the budget between the two.
+    """
+    if budget_left is None:
+        return True
+    if max_prompt_tokens is not None and num_prompt_tokens > max_prompt_tokens:
+        return False
+    return num_prompt_tokens <= budget_left

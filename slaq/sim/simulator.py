@@ -42,6 +42,7 @@ from slaq.platform.snapshot import (
     SetGate,
     SetRouting,
     Snapshot,
+    takes_budget,
 )
 from slaq.platform.tiers import TIER_NAMES, TierTable
 from slaq.sim.capacity import policy_config_for, split_workers, workload_cost
@@ -170,7 +171,8 @@ class Simulator:
         self.by_tier_arrivals: dict[str, list[int]] = {t: [] for t in TIER_NAMES}
         self.by_tier_times: dict[str, list[float]] = {t: [] for t in TIER_NAMES}
         self.gates: set[tuple[str, str]] = set()  # closed (role, tier)
-        self.admission: dict[str, list] = {}  # tier -> [fallback mode, budget left | None]
+        # tier -> [fallback mode, budget left | None, max_prompt_tokens | None]
+        self.admission: dict[str, list] = {}
         self.routing: MappingProxyType[str, float] | None = None
         self.heartbeats = [w.heartbeat(0.0) for w in self.workers]
         self.state = PolicyState()
@@ -262,9 +264,10 @@ class Simulator:
         adm = None if self.fifo else self.admission.get(rec.tier_asked)
         if adm is not None:
             mode, budget, max_prompt = adm
-            if (budget is not None and budget >= rec.num_prompt_tokens
-                    and (max_prompt is None or rec.num_prompt_tokens <= max_prompt)):
-                adm[1] = budget - rec.num_prompt_tokens
+            # The API's rule (takes_budget): only an admitted request takes from the budget.
+            if takes_budget(budget, rec.num_prompt_tokens, max_prompt):
+                if budget is not None:
+                    adm[1] = budget - rec.num_prompt_tokens
             elif mode == "refuse":
                 rec.refused, rec.state = True, "refused"
                 self.num_unresolved -= 1
@@ -464,8 +467,7 @@ class Simulator:
             elif isinstance(a, SetRouting):
                 self.routing = a.weights
             elif isinstance(a, SetAdmission):
-                self.admission[a.tier] = [a.mode, a.budget_tokens,
-                                          a.inputs.get("max_prompt_tokens")]
+                self.admission[a.tier] = [a.mode, a.budget_tokens, a.max_prompt_tokens]
             elif isinstance(a, Plan):
                 pass  # recorded per tick below (reported, acted on only by a scaling hook)
         if self.state.plan is not None:

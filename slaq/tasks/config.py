@@ -24,6 +24,8 @@ DECODE_ANY_QUEUE = "decode.any"
 CONTROL_QUEUE = "control"
 
 NUM_PRIORITIES = 10  # Redis-style 0 (most urgent) .. 9
+# Seconds between broker reconnect attempts: the first right away, then 0.05, 0.1, ... 1.0.
+RECONNECT_INTERVALS = {"interval_start": 0.05, "interval_step": 0.05, "interval_max": 1.0}
 # Messages sent without a priority: as urgent as the default tier, not the top bucket.
 DEFAULT_PRIORITY = 3
 # The app's scheduling mode (``Settings.policy``), read by the ticket senders.
@@ -106,7 +108,12 @@ def celery_config(settings: Settings, extra_queues: tuple[str, ...] = ()) -> dic
             # reprioritiser's orphan sweep instead (claims keep redelivery idempotent), so the
             # visibility timeout above no longer applies on Redis.
             "ack_emulation": False,
+            # Reconnect schedule after a broker loss (kombu's default starts at 2 s; a Redis
+            # restart of milliseconds then cost 2 s of TTFT). Kombu reads these keys for
+            # producers; QuickReconnectConsumer (worker_consumer below) for the worker.
+            **RECONNECT_INTERVALS,
         },
+        "worker_consumer": "slaq.tasks.consumer:QuickReconnectConsumer",
         "task_queues": [make_queue(n) for n in dict.fromkeys(names)],
         "task_queue_max_priority": NUM_PRIORITIES - 1,
         "task_default_queue": "prefill.default",
@@ -119,6 +126,10 @@ def celery_config(settings: Settings, extra_queues: tuple[str, ...] = ()) -> dic
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # Redis only (Celery ignores it on AMQP, with a warning): take a ticket only while a
+        # pool thread is free, so a worker never holds more tickets than its pool (sized to
+        # its engine's seats) can run; the rest stay in the broker, in priority order.
+        "worker_disable_prefetch": not is_amqp(broker),
         "task_ignore_result": True,
         "result_backend": None,
         "task_serializer": "json",

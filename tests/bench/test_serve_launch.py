@@ -34,6 +34,11 @@ def test_runs_and_roles():
                              ("d-d2", "decode")]
     with pytest.raises(ValueError):
         StackConfig(server_database_url="-", model_path="-", policy="lifo")
+    for bad in ({"num_blocks": 0}, {"max_num_seqs": 0}):
+        with pytest.raises(ValueError):
+            StackConfig(server_database_url="-", model_path="-", **bad)
+        with pytest.raises(ValueError):
+            LaunchConfig(server_database_url="-", model_path="-", **bad)
 
 
 @pytest.mark.slow
@@ -51,7 +56,8 @@ def test_launch_runs_each_policy_on_its_own_stack_and_accounts_for_every_request
     # transport), so both hand-off paths and both queue layouts run.
     cfg = LaunchConfig(server_database_url=server, model_path=str(tiny_model_path),
                        out_dir=str(tmp_path / "launch"), runs=("fifo", "slaq"), num_workers=2,
-                       sim_profile="llama-8b-h100", settle_timeout_s=60.0, plot=True)
+                       sim_profile="llama-8b-h100", settle_timeout_s=60.0, plot=True,
+                       num_blocks=256, max_num_seqs=8)
     serve = ServeConfig(base_url="http://127.0.0.1:1", api_key="-", max_wall_s=30.0,
                         drain_timeout_s=60.0, request_timeout_s=60.0)
     lines: list[str] = []
@@ -69,6 +75,13 @@ def test_launch_runs_each_policy_on_its_own_stack_and_accounts_for_every_request
         assert set(summary["tiers"]) == {"priority", "default", "flex", "batch"}
         run_report = json.loads((tmp_path / "launch" / run / "report.json").read_text())
         assert run_report["label"] == run
+        # Workers are `slaq worker` processes: KV pool and seats as asked, a thread per seat.
+        logs = sorted((tmp_path / "launch" / run / "logs").glob(f"{run}-[wpd]*.log"))
+        assert len(logs) == 2
+        for path in logs:
+            text = path.read_text()
+            assert "8 seats, 256 KV blocks, 8 threads" in text, text[-3000:]
+            assert "concurrency: 8 (thread)" in text
     assert combined["policies"]["fifo"]["stack"] == {
         "policy": "fifo", "disaggregated": False, "roles": {"both": 2}}
     assert combined["policies"]["slaq"]["stack"] == {

@@ -51,6 +51,25 @@ def test_shm_pull_copies_the_leased_rows(shm_pool):
     assert torch.equal(puller.pull(lease)[:, :, 0], pool[:, :, 5])
 
 
+def test_a_tail_of_the_lease_pulls_only_its_blocks(shm_pool):
+    name, pool = shm_pool
+    owner = ShmTransport(name, SHAPE, torch.float32)
+    lease = _lease(descriptor=owner.describe())  # blocks 5, 1, 6; 10 tokens of 4 a block
+    assert lease.tail(0, 4) is lease and lease.tail(3, 4) is None
+    tail = lease.tail(1, 4)
+    assert (tail.block_ids, tail.num_tokens, tail.first_token_id) == ([1, 6], 6, 42)
+    assert lease.block_ids == [5, 1, 6]  # the lease itself is unchanged
+    assert torch.equal(ShmTransport().pull(tail), pool[:, :, [1, 6]])
+    owner_local = LocalTransport("pre-0", lambda ids: pool.index_select(2, torch.tensor(ids)))
+    try:
+        local = _lease(transport="local", descriptor={"worker": "pre-0"}).tail(2, 4)
+        assert torch.equal(LocalTransport("dec-0").pull(local), pool[:, :, [6]])
+    finally:
+        owner_local.close()
+    with pytest.raises(ValueError):
+        lease.tail(-1, 4)
+
+
 def test_shm_pull_errors(shm_pool):
     name, _ = shm_pool
     descriptor = ShmTransport(name, SHAPE, torch.float32).describe()

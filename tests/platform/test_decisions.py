@@ -25,6 +25,7 @@ from slaq.platform.decisions import (
     AdmissionVerdict,
     budget_key,
     choose_decode_worker,
+    decision_row,
     publish_state,
     read_admission,
     read_gates,
@@ -170,7 +171,7 @@ def test_prompts_over_the_cut_fall_back_without_spending_the_budget(r: redis.Red
     cut = AdmissionState("default", "downgrade", 100, 5000.0, "flex", 3, 1.0, 50)
     assert AdmissionState.from_json("default", cut.to_json()) == cut
     action = SetAdmission("default", "downgrade", 5000.0, "short", 100, "flex", 3,
-                          {"max_prompt_tokens": 50})
+                          {"ahead_tokens": 7}, max_prompt_tokens=50)
     assert AdmissionState.from_action(action, at=1.0) == cut
     publish_state(r, gates={}, routing={}, admission={"default": cut})
     cache = AdmissionCache(r, ttl_s=0.0)
@@ -185,6 +186,26 @@ def test_prompts_over_the_cut_fall_back_without_spending_the_budget(r: redis.Red
     assert cache.admit("default", 10**6) == AdmissionVerdict("default")
     with pytest.raises(ValueError):
         AdmissionState("default", "downgrade", 100, None, "flex", max_prompt_tokens=0)
+    with pytest.raises(ValueError):
+        SetAdmission("default", "downgrade", 1.0, "x", 100, "flex", max_prompt_tokens=0)
+    # The ledger row keeps the typed cut among the decision's inputs.
+    assert decision_row(action)["inputs"]["max_prompt_tokens"] == 50
+    assert decision_row(action)["inputs"]["ahead_tokens"] == 7
+
+
+def test_a_request_that_does_not_fit_the_budget_falls_back_and_takes_nothing(
+        r: redis.Redis) -> None:
+    # The simulator's numbers (tests/sim/test_simulator.py): one rule, takes_budget.
+    publish_state(r, gates={}, routing={}, admission={
+        "flex": AdmissionState("flex", "refuse", 250, 60000.0, None, 5, 1.0)})
+    cache = AdmissionCache(r, ttl_s=0.0)
+    assert cache.admit("flex", 100) == AdmissionVerdict("flex")
+    assert cache.admit("flex", 200).refused
+    assert int(r.get(budget_key("flex"))) == 150  # the refused request took nothing
+    assert cache.admit("flex", 150) == AdmissionVerdict("flex")  # so this one still fits
+    assert cache.admit("flex", 50).refused
+    assert int(r.get(budget_key("flex"))) == 0  # never below zero
+    assert 0 < r.pttl(budget_key("flex"))  # taking keeps the cycle's expiry
 
 
 def test_admission_cache_admits_when_redis_is_down() -> None:

@@ -243,22 +243,22 @@ def test_a_short_budget_cuts_the_longest_prompts_to_serve_more_requests():
     # Budget (0.9 x 3 s - own 3,000/10,000 s) x 10k tok/s - 10k ahead = 14,000 tokens for the
     # next second; 20 requests a second: a fair share is 700 tokens, the cut 2 x 700.
     assert adm.budget_tokens == 14_000
-    assert adm.inputs["max_prompt_tokens"] == 1_400
+    assert adm.max_prompt_tokens == 1_400
     # A roomy budget: the cut is far above the prompts that arrive, and with few arrivals
     # (under one a cycle) there is no cut at all.
     calm = {"default": Arrivals(2, 2_000, 20)}
     actions, _ = decide(snap(arrivals=calm), PolicyState(time=NOW - 1.0), TIERS, cfg)
     (adm,) = [a for a in of(actions, SetAdmission) if a.tier == "default"]
-    assert adm.inputs["max_prompt_tokens"] >= 10 * 1_000
+    assert adm.max_prompt_tokens >= 10 * 1_000
     actions, _ = decide(snap(arrivals={"default": Arrivals(0, 0, 0)}),
                         PolicyState(time=NOW - 1.0), TIERS, cfg)
     (adm,) = [a for a in of(actions, SetAdmission) if a.tier == "default"]
-    assert adm.inputs["max_prompt_tokens"] is None
+    assert adm.max_prompt_tokens is None
     off = replace(cfg, admission_share_factor=0.0)
     actions, _ = decide(snap(queues=queues, arrivals=arrivals), PolicyState(time=NOW - 1.0),
                         TIERS, off)
     (adm,) = [a for a in of(actions, SetAdmission) if a.tier == "default"]
-    assert adm.inputs["max_prompt_tokens"] is None
+    assert adm.max_prompt_tokens is None
 
 
 def test_admission_without_capacity_gives_no_budget():

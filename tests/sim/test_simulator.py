@@ -8,6 +8,7 @@ import random
 import pytest
 
 from slaq.platform import policy
+from slaq.platform.snapshot import SetAdmission, takes_budget
 from slaq.sim.report import format_table, plot, summarise, write_json
 from slaq.sim.simulator import SimConfig, Simulator, run_simulation
 from slaq.sim.traces import Trace, TraceRequest
@@ -149,14 +150,37 @@ def test_config_validation():
         run_simulation(SimConfig(trace=trace, num_gpus=2, disaggregated=True, num_prefill=2))
 
 
-def test_admission_in_the_simulator_applies_budget_and_prompt_cut_as_the_api_does():
+def test_admission_in_the_simulator_applies_budget_and_prompt_cut_as_the_api_does(
+        monkeypatch):
     reqs = tuple(TraceRequest(0.001 * i, n, 4, tier="default")
                  for i, n in enumerate((500, 100, 100, 100)))
     sim = Simulator(SimConfig(trace=Trace("cut", reqs), policy="slaq", num_gpus=1))
-    sim.admission["default"] = ["downgrade", 250, 200]  # budget 250 tokens, prompts <= 200
+    # The cut travels as the action's typed field (not in its inputs) from decide to arrivals.
+    action = SetAdmission("default", "downgrade", 5000.0, "short", 250, "flex", 3,
+                          max_prompt_tokens=200)
+    monkeypatch.setattr(policy, "decide", lambda snap, state, tiers, cfg: ([action], state))
+    sim._on_tick()
+    assert sim.admission["default"] == ["downgrade", 250, 200]
     for i in range(4):
         sim._on_arrival(i)
     # The 500-token prompt is over the cut and spends nothing; two 100s fit the budget.
     assert [r.tier_used for r in sim.records] == ["flex", "default", "default", "flex"]
     assert sim.admission["default"][1] == 50
 
+
+def test_a_request_that_does_not_fit_the_budget_takes_nothing_from_it():
+    # The rule of takes_budget, as the API's Lua script applies it (tests/platform/
+    # test_decisions.py checks that side against Redis with the same numbers).
+    reqs = tuple(TraceRequest(0.001 * i, n, 4, tier=t) for i, (n, t) in enumerate(
+        ((100, "flex"), (200, "flex"), (150, "flex"), (50, "flex"), (10**6, "default"))))
+    sim = Simulator(SimConfig(trace=Trace("fit", reqs), policy="slaq", num_gpus=1))
+    sim.admission["flex"] = ["refuse", 250, None]
+    sim.admission["default"] = ["downgrade", None, None]  # no live budget: admit as asked
+    for i in range(5):
+        sim._on_arrival(i)
+    # 100 fits (150 left); 200 does not and is refused without spending; 150 then fits.
+    assert [r.refused for r in sim.records] == [False, True, False, True, False]
+    assert sim.admission["flex"][1] == 0  # never below zero
+    assert sim.records[4].tier_used == "default"
+    assert [takes_budget(150, n) for n in (150, 151)] == [True, False]
+    assert takes_budget(None, 10**9, 1) and not takes_budget(10**6, 201, 200)

@@ -15,6 +15,7 @@ from slaq.tasks.config import (
     DEFAULT_PRIORITY,
     FIFO_QUEUE,
     PREFILL_QUEUES,
+    RECONNECT_INTERVALS,
     broker_priority,
     celery_config,
     decode_queue,
@@ -64,6 +65,12 @@ def test_celery_config_delivery_settings():
     assert amqp["task_default_priority"] == 9 - conf["task_default_priority"]
     with pytest.raises(ValueError):
         celery_config(Settings())
+    # A worker takes a ticket only with a free pool thread (Celery honours this on Redis only).
+    assert conf["worker_disable_prefetch"] is True and amqp["worker_disable_prefetch"] is False
+    # Reconnects after a broker loss on our schedule, for producers and the worker alike.
+    for key, value in RECONNECT_INTERVALS.items():
+        assert opts[key] == value
+    assert conf["worker_consumer"] == "slaq.tasks.consumer:QuickReconnectConsumer"
 
 
 def _drain(app, queue_names: list[str], limit: int) -> list[dict]:

@@ -21,8 +21,9 @@ what :func:`calibrate` fits when measurements of our own engine are available.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -226,11 +227,25 @@ PROFILES: dict[str, CostProfile] = {
 
 
 def get_profile(name: str) -> CostProfile:
-    """A named profile; raises ValueError listing the known names."""
-    try:
+    """A named profile: a spec profile above, a calibrated one committed under
+    ``slaq/sim/profiles/``, or the path of a calibrated profile's JSON file. Raises ValueError
+    listing the known names."""
+    if name in PROFILES:
         return PROFILES[name]
-    except KeyError:
-        raise ValueError(f"unknown cost profile {name!r}; known: {sorted(PROFILES)}") from None
+    # Lazy: the JSON store does file IO; this module stays IO-free for the simulator's core.
+    from slaq.gpu_workers.engine.profiles_store import find_profile
+
+    found = find_profile(name)
+    if found is None:
+        raise ValueError(f"unknown cost profile {name!r}; known: {sorted(all_profiles())}")
+    return found
+
+
+def all_profiles() -> dict[str, CostProfile]:
+    """The spec profiles and the calibrated ones, by name."""
+    from slaq.gpu_workers.engine.profiles_store import calibrated_profiles
+
+    return {**PROFILES, **{n: r.profile for n, r in calibrated_profiles().items()}}
 
 
 # ---- calibration -----------------------------------------------------------------------
@@ -238,10 +253,19 @@ def get_profile(name: str) -> CostProfile:
 
 @dataclass(frozen=True, slots=True)
 class StepSample:
-    """One measured engine step: its ``(past, new)`` chunks and the seconds it took."""
+    """One measured engine step: its ``(past, new)`` chunks and the seconds it took.
+
+    ``cell`` is the ``(prompt_len, batch)`` point of the measurement grid the step belongs to
+    (``None`` outside a grid): :func:`holdout_split` holds whole cells out.
+    """
 
     chunks: tuple[tuple[int, int], ...]
     seconds: float
+    cell: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.seconds > 0:  # relative errors divide by it
+            raise ValueError(f"a measured step takes time, got {self.seconds} s")
 
 
 def calibrate(base: CostProfile, samples: Sequence[StepSample], name: str | None = None) -> CostProfile:
@@ -250,9 +274,11 @@ def calibrate(base: CostProfile, samples: Sequence[StepSample], name: str | None
     Least squares of relative error on ``t = overhead + a * linear_flops + b * attention_flops
     + c * bytes`` (a linear surrogate of the roofline: on a CPU compute and memory time add up
     more than they overlap), with every coefficient kept >= 0; each coefficient becomes an
-    efficiency against the profile's peak figures. A term the data cannot resolve (its
-    coefficient pinned at 0, e.g. bytes moved when the weights dominate and so move in step with
-    the overhead) gets efficiency 1: its least possible time.
+    efficiency against the profile's peak figures; where the machine beats a peak figure, the
+    fitted profile's hardware (renamed ``NAME-fitted``) gets the achieved rate as its peak. A
+    term the data cannot resolve (its coefficient pinned at 0, e.g. bytes moved when the
+    weights dominate and so move in step with the overhead) gets efficiency 1: its least
+    possible time.
     """
     if len(samples) < 4:
         raise ValueError("calibrate needs at least 4 step samples")
@@ -272,8 +298,18 @@ def calibrate(base: CostProfile, samples: Sequence[StepSample], name: str | None
     a = np.asarray(rows) / yv[:, None]
     scale = np.maximum(np.abs(a).max(axis=0), 1e-30)
     coef = _nonneg_lstsq(a / scale, np.ones_like(yv)) / scale
-    flops = base.hardware.peak_flops * base.hardware.num_devices * base.tp_eff
-    bw = base.hardware.hbm_bandwidth * base.hardware.num_devices * base.tp_eff
+    hw = base.hardware
+    per_peak = hw.num_devices * base.tp_eff
+    c_lin, c_attn, c_bytes = (float(c) for c in coef[1:])
+    # An achieved rate above the profile's peak (the CPU placeholders are guesses) would need
+    # an efficiency above 1, and clipping it would predict the wrong time: raise the peak to
+    # the achieved rate instead, so the profile reproduces the fitted coefficients exactly.
+    flops_rate = max([1.0 / c for c in (c_lin, c_attn) if c > 0], default=0.0) / per_peak
+    bytes_rate = (1.0 / c_bytes if c_bytes > 0 else 0.0) / per_peak
+    if flops_rate > hw.peak_flops or bytes_rate > hw.hbm_bandwidth:
+        hw = replace(hw, name=f"{hw.name}-fitted", peak_flops=max(hw.peak_flops, flops_rate),
+                     hbm_bandwidth=max(hw.hbm_bandwidth, bytes_rate))
+    flops, bw = hw.peak_flops * per_peak, hw.hbm_bandwidth * per_peak
 
     def eff(c: float, peak: float) -> float:
         return 1.0 if c <= 0 else min(1.0, 1.0 / (c * peak))
@@ -281,73 +317,151 @@ def calibrate(base: CostProfile, samples: Sequence[StepSample], name: str | None
     return replace(
         base,
         name=name or f"{base.name}-calibrated",
+        hardware=hw,
         overhead_s=float(coef[0]),
-        mfu=eff(float(coef[1]), flops),
-        attn_eff=eff(float(coef[2]), flops),
-        bw_eff=eff(float(coef[3]), bw),
+        mfu=eff(c_lin, flops),
+        attn_eff=eff(c_attn, flops),
+        bw_eff=eff(c_bytes, bw),
         overlap=False,
     )
 
 
 def _nonneg_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with coefficients >= 0: drop the most negative column and refit."""
-    active = list(range(a.shape[1]))
-    coef = np.zeros(a.shape[1])
-    while active:
-        sub, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
-        if (sub >= 0).all():
-            coef[active] = sub
-            break
-        active.pop(int(np.argmin(sub)))
+    """Least squares with coefficients >= 0, exactly: the best of the unconstrained fits on
+    every subset of columns whose coefficients all come out >= 0 (15 subsets of 4 columns).
+    Near-ties go to fewer columns, then to earlier ones (the overhead before bytes moved)."""
+    n = a.shape[1]
+    coef = np.zeros(n)
+    best = np.inf
+    for k in range(1, n + 1):
+        for cols in itertools.combinations(range(n), k):
+            sub, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+            if (sub < 0).any():
+                continue
+            r = float(np.sum((a[:, cols] @ sub - b) ** 2))
+            if r < best * (1 - 1e-9) - 1e-15:
+                best = r
+                coef = np.zeros(n)
+                coef[list(cols)] = sub
     return coef
 
 
-def samples_from_output(out: SchedulerOutput, seconds: float) -> StepSample:
+def relative_errors(profile: CostProfile, samples: Sequence[StepSample]) -> np.ndarray:
+    """``|predicted - measured| / measured`` of every sample's step time."""
+    measured = np.asarray([s.seconds for s in samples], dtype=float)
+    predicted = np.asarray([profile.step_time(s.chunks) for s in samples], dtype=float)
+    return np.abs(predicted - measured) / np.maximum(measured, 1e-12)
+
+
+def error_summary(profile: CostProfile, samples: Sequence[StepSample]) -> dict[str, float]:
+    """Median and 90th percentile of :func:`relative_errors` (and how many samples)."""
+    if not samples:
+        raise ValueError("no samples to measure an error on")
+    err = relative_errors(profile, samples)
+    return {"num_samples": len(samples), "median_rel_err": float(np.median(err)),
+            "p90_rel_err": float(np.percentile(err, 90)), "max_rel_err": float(err.max())}
+
+
+def holdout_split(samples: Sequence[StepSample]) -> tuple[list[StepSample], list[StepSample]]:
+    """Split grid samples into (fit, held out) by whole cells, as a checkerboard over the
+    grid's prompt lengths x batch sizes: every length and batch size stays in the fit set, and
+    each held-out cell is a combination the fit never saw. Samples with no cell are fitted."""
+    lens = sorted({s.cell[0] for s in samples if s.cell})
+    batches = sorted({s.cell[1] for s in samples if s.cell})
+    if len(lens) < 2 or len(batches) < 2:
+        raise ValueError("a held-out check needs a grid of at least 2 x 2 cells")
+    fit: list[StepSample] = []
+    held: list[StepSample] = []
+    for s in samples:
+        out = s.cell is not None and (lens.index(s.cell[0]) + batches.index(s.cell[1])) % 2
+        (held if out else fit).append(s)
+    if len(fit) < 4:
+        raise ValueError("a held-out check needs at least 4 samples to fit")
+    return fit, held
+
+
+def samples_from_output(out: SchedulerOutput, seconds: float,
+                        cell: tuple[int, int] | None = None) -> StepSample:
     """Turn one measured step of our engine (its scheduler output and wall time) into a sample."""
-    return StepSample(tuple((s.start, s.num_new_tokens) for s in out.scheduled), seconds)
+    return StepSample(tuple((s.start, s.num_new_tokens) for s in out.scheduled), seconds, cell)
 
 
 class RecordingRunner:
-    """Wraps a real runner and records every step as a :class:`StepSample` (for calibrate)."""
+    """Wraps a real runner and records every step as a :class:`StepSample` (for calibrate).
 
-    def __init__(self, inner) -> None:
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called before and after each step so that a
+    device's queued work is charged to the step that queued it. ``cell`` tags new samples.
+    """
+
+    def __init__(self, inner, sync: Callable[[], None] | None = None) -> None:
         self.inner = inner
+        self.sync = sync
+        self.cell: tuple[int, int] | None = None
         self.samples: list[StepSample] = []
 
     def execute(self, out: SchedulerOutput, overlap=None):
+        if self.sync is not None:
+            self.sync()
         t0 = time.perf_counter()
         result = self.inner.execute(out, overlap)
-        self.samples.append(samples_from_output(out, time.perf_counter() - t0))
+        if self.sync is not None:
+            self.sync()
+        self.samples.append(samples_from_output(out, time.perf_counter() - t0, self.cell))
         return result
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
 
-def calibrate_engine(engine, base: CostProfile, prompt_lens: Sequence[int] = (16, 64, 256),
-                     batch_sizes: Sequence[int] = (1, 4, 16), max_tokens: int = 8,
-                     name: str | None = None) -> tuple[CostProfile, list[StepSample]]:
+def record_engine(engine, prompt_lens: Sequence[int] = (16, 64, 256),
+                  batch_sizes: Sequence[int] = (1, 4, 16), max_tokens: int = 8, *,
+                  sync: Callable[[], None] | None = None,
+                  progress: Callable[[int, int], None] | None = None,
+                  deadline: float | None = None) -> list[StepSample]:
     """Measure our own engine (an ``LLMEngine``; duck-typed, no torch import here) on a grid
-    of prompt lengths and batch sizes, then :func:`calibrate` ``base`` to its step times.
+    of prompt lengths x batch sizes: each cell's requests arrive together and run to the end.
 
-    Returns the calibrated profile and the samples it was fitted to.
+    ``progress(done, total)`` is called after each cell; past ``deadline`` (a
+    ``time.monotonic()`` value) the remaining cells are skipped. Returns the non-empty steps.
     """
     from slaq.gpu_workers.engine.config import SamplingParams
 
-    recorder = RecordingRunner(engine.runner)
+    recorder = RecordingRunner(engine.runner, sync)
     engine.runner = recorder
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    cells = [(length, batch) for length in prompt_lens for batch in batch_sizes]
     try:
         n = 0
-        for length in prompt_lens:
-            for batch in batch_sizes:
-                for _ in range(batch):
-                    engine.add_request(f"calib-{n}", [1 + (n + i) % 97 for i in range(length)],
-                                       params)
-                    n += 1
-                while engine.has_unfinished():
-                    engine.step()
+        for done, (length, batch) in enumerate(cells, 1):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            recorder.cell = (length, batch)
+            for _ in range(batch):
+                engine.add_request(f"calib-{n}", _grid_prompt(n, length), params)
+                n += 1
+            while engine.has_unfinished():
+                engine.step()
+            if progress is not None:
+                progress(done, len(cells))
     finally:
         engine.runner = recorder.inner
-    samples = [s for s in recorder.samples if s.chunks]
+    return [s for s in recorder.samples if s.chunks]
+
+
+def _grid_prompt(n: int, length: int) -> list[int]:
+    """The ``n``-th grid prompt: two leading ids spell ``n`` (so no two of 8,100 prompts share a
+    first block and the prefix cache never skips measured work), then a ramp of small ids that
+    every vocabulary has."""
+    head = [3 + n // 90 % 90, 3 + n % 90]
+    return (head + [1 + (n + i) % 97 for i in range(length)])[:length]
+
+
+def calibrate_engine(engine, base: CostProfile, prompt_lens: Sequence[int] = (16, 64, 256),
+                     batch_sizes: Sequence[int] = (1, 4, 16), max_tokens: int = 8,
+                     name: str | None = None) -> tuple[CostProfile, list[StepSample]]:
+    """:func:`record_engine` on a grid, then :func:`calibrate` ``base`` to its step times.
+
+    Returns the calibrated profile and the samples it was fitted to.
+    """
+    samples = record_engine(engine, prompt_lens, batch_sizes, max_tokens)
     return calibrate(base, samples, name), samples

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from slaq.gpu_workers.engine.attention import AttentionMetadata
@@ -24,7 +23,7 @@ from slaq.gpu_workers.engine.config import EngineConfig
 from slaq.gpu_workers.engine.model_runner import ModelRunner
 from slaq.gpu_workers.engine.models import ModelConfig
 from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
-from slaq.gpu_workers.engine.sampler import SampleRequest
+from slaq.gpu_workers.engine.sampler import SampleRequest, greedy_argmax
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 384, 512)
 
@@ -54,7 +53,15 @@ class DecodeGraphs:
         self._tokens = torch.zeros((3, n), dtype=torch.long, device=dev)  # ids, positions, slots
         self._tables = torch.zeros((n, self.width), dtype=torch.int32, device=dev)
         self._lens = torch.zeros(n, dtype=torch.int32, device=dev)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Pinned host mirrors: the input copies are then truly asynchronous (a pageable
+        # source makes each one a blocking staging copy). They are rewritten only once the
+        # previous step's copies are done (``_copied``).
+        self._host_tokens = torch.zeros((3, n), dtype=torch.long).pin_memory()
+        self._host_tables = torch.zeros(n * self.width, dtype=torch.int32).pin_memory()
+        self._host_lens = torch.zeros(n, dtype=torch.int32).pin_memory()
+        self._copied = torch.cuda.Event()
+        # Per bucket: the graph, its logits and their greedy argmax (computed in the graph).
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self.num_replays = 0
 
@@ -62,14 +69,15 @@ class DecodeGraphs:
     def max_batch_size(self) -> int:
         return self.sizes[-1]
 
-    def _forward(self, n: int) -> torch.Tensor:
+    def _forward(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         meta = AttentionMetadata(
             block_size=self.block_size, slot_mapping=self._tokens[2, :n], prefills=[],
             num_prefill_tokens=0, decode_block_tables=self._tables[:n],
             decode_context_lens=self._lens[:n])
         hidden = self.model(self._tokens[0, :n], self._tokens[1, :n], self.kv_cache, meta,
                             self.backend)
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        return logits, greedy_argmax(logits)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -100,31 +108,39 @@ class DecodeGraphs:
                     self._forward(n)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                    out = self._forward(n)
-                self._graphs[n] = (graph, out)
+                    logits, greedy_ids = self._forward(n)
+                self._graphs[n] = (graph, logits, greedy_ids)
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits ``[len(token_ids), vocab]`` for one decode token per sequence."""
+            block_tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[len(token_ids), vocab]`` for one decode token per sequence, and their
+        greedy argmax ``[len(token_ids)]``."""
         n = len(token_ids)
         size = next(s for s in self.sizes if s >= n)
         width = max(len(t) for t in block_tables)
-        tokens = np.zeros((3, size), dtype=np.int64)
+        self._copied.synchronize()  # the pinned mirrors are free to rewrite
+        tokens = self._host_tokens.numpy()
         tokens[0, :n], tokens[1, :n], tokens[2, :n] = token_ids, positions, slots
-        tokens[2, n:] = -1
-        tables = np.zeros((n, width), dtype=np.int32)
+        tokens[:2, n:size] = 0
+        tokens[2, n:size] = -1
+        host_tables = self._host_tables[:n * width].view(n, width)
+        tables = host_tables.numpy()
         for i, t in enumerate(block_tables):
             tables[i, :len(t)] = t
-        lens = np.zeros(size, dtype=np.int32)
-        lens[:n] = np.asarray(positions) + 1
-        # Entries of a table past its context are never read, so only [:n, :width] moves.
-        self._tokens[:, :size].copy_(torch.from_numpy(tokens), non_blocking=True)
-        self._tables[:n, :width].copy_(torch.from_numpy(tables), non_blocking=True)
-        self._lens[:size].copy_(torch.from_numpy(lens), non_blocking=True)
-        graph, out = self._graphs[size]
+        lens = self._host_lens.numpy()
+        lens[:n] = positions
+        lens[:n] += 1
+        lens[n:size] = 0
+        # Whole (small, contiguous) token and length buffers; of the tables only [:n, :width]
+        # moves: entries past a context are never read.
+        self._tokens.copy_(self._host_tokens, non_blocking=True)
+        self._tables[:n, :width].copy_(host_tables, non_blocking=True)
+        self._lens.copy_(self._host_lens, non_blocking=True)
+        self._copied.record()
+        graph, logits, greedy_ids = self._graphs[size]
         graph.replay()
         self.num_replays += 1
-        return out[:n]
+        return logits[:n], greedy_ids[:n]
 
 
 class CudaGraphModelRunner(ModelRunner):
@@ -169,10 +185,10 @@ class CudaGraphModelRunner(ModelRunner):
             p = seq.params
             rows.append(SampleRequest(seq.request_id, p,
                                       seq.token_ids if p.repetition_penalty != 1.0 else ()))
-        logits = self.graphs.run(ids, positions, slots, tables)
+        logits, greedy_ids = self.graphs.run(ids, positions, slots, tables)
         if overlap is not None:
             overlap()  # the replay is queued: host work here hides behind it
-        sampled = self.sampler.sample(logits, rows)
+        sampled = self.sampler.sample(logits, rows, greedy_ids)
         result = RunnerOutput()
         for row, token_id, lp in zip(rows, sampled.token_ids, sampled.logprobs, strict=True):
             result.sampled_token_ids[row.request_id] = token_id

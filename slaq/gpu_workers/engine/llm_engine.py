@@ -11,7 +11,8 @@ Asynchronous output processing (``EngineConfig.async_output``; on by default for
 step's outputs are built (detokenised, stop strings checked) during the *next* step, while
 the device runs its forward, instead of between steps while the device idles. The cost is
 one step of latency per output and, when a stop string ends a sequence, one token it already
-computed that is thrown away.
+computed that is thrown away. First tokens are the exception: they come out of the step
+that computed them, so time to first token pays nothing.
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from slaq.gpu_workers.engine.block_manager import BlockManager
 from slaq.gpu_workers.engine.config import EngineConfig, SamplingParams
 from slaq.gpu_workers.engine.detokenizer import IncrementalDetokenizer
 from slaq.gpu_workers.engine.loader import eos_token_ids, load_model_config, load_tokenizer
-from slaq.gpu_workers.engine.outputs import RequestOutput, RunnerOutput, SchedulerOutput
+from slaq.gpu_workers.engine.outputs import (
+    RequestOutput,
+    RunnerOutput,
+    ScheduledSequence,
+    SchedulerOutput,
+)
 from slaq.gpu_workers.engine.scheduler import PREFILL_DONE, Scheduler
 from slaq.gpu_workers.engine.sequence import Sequence
 
@@ -52,6 +58,12 @@ class EngineStats:
     decode_tokens_per_s: float
     prefix_cache_queries_tokens: int
     prefix_cache_hits_tokens: int
+    # Hand-offs: blocks of transferred KV prefilled requests needed, and those found cached
+    # here (their KV was not pulled).
+    handoff_blocks_total: int = 0
+    handoff_blocks_reused: int = 0
+    # Chain hashes of recently cached prefixes (BlockManager.prefix_summary), for routing.
+    prefix_hashes: list[int] = field(default_factory=list)
 
     @property
     def max_batch_size(self) -> int:
@@ -67,7 +79,7 @@ class EngineStats:
 class _StepResult:
     """A step whose outputs are not built yet (asynchronous output processing)."""
 
-    out: SchedulerOutput
+    scheduled: list[ScheduledSequence]
     runner_out: RunnerOutput
     finished: list[Sequence]
     # Requests a stop string ended while this step ran: their tokens of it are dropped.
@@ -167,20 +179,51 @@ class LLMEngine:
         """Continue a request prefilled elsewhere: ``kv`` holds its prompt's KV blocks
         (``[L, 2, n, block_size, kv_heads, head_dim]``, as :meth:`read_blocks` returns).
 
+        When :meth:`reserve_prefix` pinned ``k`` cached blocks for ``request_id``, ``kv`` may
+        hold just the blocks after them (what a pull of the rest returns; None when nothing
+        is left) or all of them (the first ``k`` are then skipped).
         Raises :class:`~slaq.gpu_workers.engine.scheduler.NoRoomError` when there is no seat
-        or room now, ValueError when nothing is left to generate.
+        or room now, ValueError when nothing is left to generate or ``kv`` is too short.
         """
         prompt = self._check_prompt(prompt_token_ids)
         seq = Sequence(request_id, prompt, params, rank=rank, arrival_time=time.monotonic(),
                        output_token_ids=[first_token_id])
+        num_pinned = self.block_manager.num_pinned(request_id)
         blocks = self.scheduler.add_prefilled(seq, num_cached_tokens)
-        if kv.shape[2] < len(blocks):
-            self.scheduler.abort(request_id)
-            raise ValueError(f"kv has {kv.shape[2]} blocks, the prompt needs {len(blocks)}")
-        self.runner.write_blocks(blocks, kv[:, :, :len(blocks)])
+        if blocks:
+            have = 0 if kv is None else int(kv.shape[2])
+            if have == len(blocks):
+                rows = kv
+            elif have >= num_pinned + len(blocks):
+                rows = kv[:, :, num_pinned:num_pinned + len(blocks)]
+            else:
+                self.scheduler.abort(request_id)
+                raise ValueError(f"kv has {have} blocks, the prompt needs {len(blocks)} "
+                                 f"past {num_pinned} cached")
+            self.runner.write_blocks(blocks, rows)
         detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop)
         detok.add([first_token_id])  # its text was streamed by the prefill side
         self._detok[request_id] = detok
+
+    def reserve_prefix(self, request_id: str, prompt_token_ids: Seq[int]) -> int:
+        """Pin the prompt's leading full blocks that this engine has cached, for a hand-off
+        that :meth:`add_prefilled_request` (same ``request_id``) completes; returns how many.
+
+        Their KV need not be pulled. The pinned blocks cannot be evicted until the request
+        is added or :meth:`release_prefix` (or :meth:`abort`) gives them back.
+        """
+        prompt = self._check_prompt(prompt_token_ids)
+        if self.scheduler.get(request_id) is not None:
+            raise ValueError(f"request {request_id!r} is already in this engine")
+        return self.block_manager.pin_prefix(request_id, prompt)
+
+    def release_prefix(self, request_id: str) -> int:
+        """Give back the blocks :meth:`reserve_prefix` pinned (none: no-op); returns how many."""
+        return self.block_manager.unpin(request_id)
+
+    def pinned_requests(self) -> set[str]:
+        """Request ids holding blocks :meth:`reserve_prefix` pinned (not added yet)."""
+        return self.block_manager.pinned_keys()
 
     def _check_prompt(self, prompt_token_ids: Seq[int]) -> list[int]:
         prompt = [int(t) for t in prompt_token_ids]
@@ -190,8 +233,9 @@ class LLMEngine:
         return prompt
 
     def abort(self, request_id: str) -> None:
-        """Drop a request wherever it is (waiting, running or leased)."""
+        """Drop a request wherever it is (waiting, running, leased or only reserved)."""
         self.scheduler.abort(request_id)
+        self.block_manager.unpin(request_id)
         self._forget(request_id)
 
     def has_unfinished(self) -> bool:
@@ -247,18 +291,28 @@ class LLMEngine:
             self._forget(rid)
         finished = self.scheduler.update(out, runner_out, self.eos_token_ids)
         self._record(out, runner_out, time.perf_counter() - t0)
-        result = _StepResult(out, runner_out, finished, stopped)
-        if self._async_output and not out.is_empty:
-            self._pending = result
-            return ready
-        return ready + self._build_outputs(result, set())
+        if not (self._async_output and not out.is_empty):
+            return ready + self._build_outputs(
+                _StepResult(out.scheduled, runner_out, finished, stopped), set())
+        # First tokens are not held back a step: time to first token is what tiers promise
+        # (and a prefill-only request's hand-off starts from it). The rest waits for the
+        # next step's forward.
+        first = [i for i in out.scheduled if i.sample and i.seq.num_output_tokens == 1]
+        if first:
+            rest = [i for i in out.scheduled if not (i.sample and i.seq.num_output_tokens == 1)]
+            ready += self._build_outputs(_StepResult(first, runner_out, [], stopped), set())
+            self._pending = (_StepResult(rest, runner_out, finished, stopped)
+                             if rest or finished else None)
+        else:
+            self._pending = _StepResult(out.scheduled, runner_out, finished, stopped)
+        return ready
 
     def _build_outputs(self, result: _StepResult, stopped: set[str]) -> list[RequestOutput]:
         """Detokenise a step's tokens; requests a stop string ends go into ``stopped``."""
         sampled = result.runner_out.sampled_token_ids
         # A request aborted since the step ran gets nothing more (its caller is gone).
         outputs = [self._output(item.seq, result.runner_out, stopped)
-                   for item in result.out.scheduled
+                   for item in result.scheduled
                    if item.seq.request_id in sampled and item.seq.finish_reason != "abort"
                    and item.seq.request_id not in result.dropped]
         # Sequences the scheduler ended without running them (they outgrew the pool).
@@ -327,6 +381,9 @@ class LLMEngine:
             decode_tokens_per_s=sum(r[3] for r in recent) / span if recent else 0.0,
             prefix_cache_queries_tokens=bm.num_prefix_queries_tokens,
             prefix_cache_hits_tokens=bm.num_prefix_hit_tokens,
+            handoff_blocks_total=bm.num_handoff_blocks,
+            handoff_blocks_reused=bm.num_handoff_reused_blocks,
+            prefix_hashes=bm.prefix_summary(),
         )
 
     # -- convenience -------------------------------------------------------------------

@@ -137,13 +137,15 @@ class Scheduler:
         """Run a sequence whose KV for all but its last token arrives by transfer.
 
         ``seq`` carries the prompt and at least the first sampled token in
-        ``output_token_ids``. It gets fresh blocks for all its tokens, counts every token but
-        the last as computed, and runs (its next step is a decode of the last token).
-        ``num_cached_tokens`` is what the prefill side reported as cache hits (for usage).
-        Returns the block ids that must receive the transferred KV of tokens
-        ``[0, num_tokens - 1)``, in order, before the next :meth:`schedule`.
-        Raises ValueError for a sequence with nothing left to generate and
-        :class:`NoRoomError` when :meth:`can_add_prefilled` is False.
+        ``output_token_ids``. Its leading blocks are those the block manager pinned under its
+        request id (:meth:`BlockManager.pin_prefix`: cached here, their KV needs no transfer);
+        the rest are fresh. Every token but the last counts as computed, and it runs (its next
+        step is a decode of the last token). ``num_cached_tokens`` is what the prefill side
+        reported as cache hits (for usage).
+        Returns the block ids that must receive the transferred KV, in order, before the next
+        :meth:`schedule`: those after the pinned ones up to token ``num_tokens - 1``.
+        Raises ValueError for a sequence with nothing left to generate (or pins that are not
+        its prefix) and :class:`NoRoomError` when :meth:`can_add_prefilled` is False.
         """
         if seq.request_id in self._seqs:
             raise ValueError(f"request {seq.request_id!r} is already scheduled")
@@ -156,19 +158,21 @@ class Scheduler:
             raise ValueError(f"request {seq.request_id!r} has nothing left to generate")
         if not self.can_add_prefilled(seq):
             raise NoRoomError(f"no seat or KV blocks for {seq.request_id!r}")
-        self._register(seq)
         blocks = self.block_manager.allocate_prefilled(seq, seq.num_tokens - 1)
+        self._register(seq)
         seq.num_cached_tokens = num_cached_tokens
         seq.status = SequenceStatus.RUNNING
         self._insert_running(seq)
         return blocks
 
     def can_add_prefilled(self, seq: Sequence) -> bool:
-        """Whether :meth:`add_prefilled` has a seat and blocks for ``seq`` now."""
+        """Whether :meth:`add_prefilled` has a seat and blocks for ``seq`` now (blocks pinned
+        for it are held already)."""
         bm = self.block_manager
+        num_new = bm.num_blocks_for(seq.num_tokens) - bm.num_pinned(seq.request_id)
         return (
             len(self._running) < self.config.max_num_seqs
-            and bm.num_blocks_for(seq.num_tokens) <= bm.num_free_blocks
+            and num_new <= bm.num_free_blocks
         )
 
     def finish(self, request_id: str, reason: str) -> Sequence | None:

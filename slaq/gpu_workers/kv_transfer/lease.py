@@ -6,7 +6,8 @@
    the decode ticket.
 3. Decode reads the lease, pulls the blocks, then deletes the key. A delete that removed
    nothing means the lease expired during the pull, so the blocks may have been reused and the
-   copy is discarded.
+   copy is discarded. Leading blocks the decode engine has cached itself (a multi-turn
+   conversation's earlier turns) are not pulled: it pulls :meth:`Lease.tail` only.
 4. The owner frees the blocks of every lease whose key is gone (pulled, or expired).
 
 A decode worker that finds no lease (or one of another attempt) re-prefills the request.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from slaq.platform.keys import lease_key
@@ -45,6 +46,19 @@ class Lease:
             raise ValueError("a lease needs at least one block")
         if self.num_tokens < 1:
             raise ValueError("num_tokens must be >= 1")
+
+    def tail(self, num_skipped_blocks: int, block_size: int) -> Lease | None:
+        """The same lease without its first ``num_skipped_blocks`` blocks (what a puller that
+        has them cached copies), or None when nothing is left. Every transport pulls exactly
+        ``block_ids``, so a pull of the tail moves only those bytes."""
+        if num_skipped_blocks < 0 or block_size < 1:
+            raise ValueError("need num_skipped_blocks >= 0 and block_size >= 1")
+        if num_skipped_blocks == 0:
+            return self
+        if num_skipped_blocks >= len(self.block_ids):
+            return None
+        return replace(self, block_ids=self.block_ids[num_skipped_blocks:],
+                       num_tokens=max(1, self.num_tokens - num_skipped_blocks * block_size))
 
     def to_mapping(self) -> dict[str, str]:
         return {

@@ -67,16 +67,31 @@ def test_outputs_are_built_while_the_runner_executes(make_engine, tiny_prompts):
     eng.runner.execute = execute
     eng.add_request("a", tiny_prompts[0], SamplingParams(temperature=0.0, max_tokens=4,
                                                          ignore_eos=True))
+    # A first token is not held back (time to first token), so the prefill's step returns it.
     first = eng.step()
-    assert first == [] and eng.has_unfinished()  # the prefill's token waits for step 2
-    second = eng.step()
-    assert [len(o.new_token_ids) for o in second] == [1]
-    outs = second
+    assert [len(o.new_token_ids) for o in first] == [1] and eng.has_unfinished()
+    # The first decode's token waits for the next step ...
+    assert eng.step() == []
+    outs = first + eng.step()
+    assert sum(len(o.new_token_ids) for o in outs) == 2
     while eng.has_unfinished():
         outs += eng.step()
     assert sum(len(o.new_token_ids) for o in outs) == 4 and outs[-1].finish_reason == "length"
-    # Every step after the first had the previous step's outputs to build during its forward.
-    assert calls == [False, True, True, True]
+    # ... and is built during that step's forward; so is every later decode step's.
+    assert calls == [False, False, True, True]
+
+
+def test_first_tokens_come_out_of_the_step_that_computed_them(make_engine, tiny_prompts):
+    eng = make_engine(async_output=True)
+    eng.add_request("a", tiny_prompts[0], GREEDY)
+    eng.step()
+    eng.step()  # "a" decodes; its token is pending
+    eng.add_request("b", tiny_prompts[1], GREEDY)
+    outs = eng.step()  # "b"'s prefill and "a"'s next decode in one step
+    by_id = {o.request_id: o for o in outs}
+    assert len(by_id["b"].new_token_ids) == 1  # b's first token, now
+    assert len(by_id["a"].new_token_ids) == 1  # a's token of the previous step
+    eng.scheduler.check_integrity()
 
 
 def test_stop_string_drops_the_token_computed_after_it(make_engine, tiny_prompts):

@@ -13,6 +13,7 @@ from slaq.gpu_workers.engine.sampler import (
     SampleRequest,
     apply_repetition_penalty,
     apply_top_k_top_p,
+    greedy_argmax,
 )
 
 V = 50
@@ -32,6 +33,31 @@ def test_greedy_is_argmax():
                                                        for i in range(4)])
     assert out.token_ids == logits.argmax(-1).tolist()
     assert out.logprobs == [None] * 4
+
+
+@pytest.mark.parametrize("vocab", [50, 49152, 128256, 1000003])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_argmax_equals_argmax(vocab, dtype):
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, vocab, generator=gen).to(dtype)
+    # Ties: the maximum repeated within a chunk and across chunks; the first index must win.
+    logits[1, [vocab // 3, vocab // 3 + 1, vocab - 1]] = 100.0
+    logits[2] = 0.0
+    assert greedy_argmax(logits).tolist() == logits.argmax(-1).tolist()
+    assert greedy_argmax(logits)[2].item() == 0
+
+
+def test_precomputed_greedy_ids_are_used_only_when_nothing_else_is_asked():
+    logits = _logits(2)
+    wrong = torch.tensor([7, 9])  # not the argmax: shows which path produced the tokens
+    assert logits.argmax(-1).tolist() != wrong.tolist()
+    greedy = [_row("a", temperature=0.0), _row("b", temperature=0.0)]
+    out = Sampler(torch.device("cpu")).sample(logits, greedy, wrong)
+    assert out.token_ids == [7, 9] and out.logprobs == [None, None]
+    for extra in ({"logprobs": 2}, {"repetition_penalty": 1.3}, {"temperature": 0.7, "seed": 1}):
+        rows = [_row("a", temperature=0.0), _row("b", **({"temperature": 0.0} | extra))]
+        out = Sampler(torch.device("cpu")).sample(logits, rows, wrong)
+        assert out.token_ids[0] == logits[0].argmax().item(), extra
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():
