@@ -150,6 +150,7 @@ def _attach_groups() -> None:
     # bench and sim live in their own packages; attach them so `slaq bench …` / `slaq sim …` work.
     from slaq.bench.chaos_cli import chaos
     from slaq.bench.cli import bench
+    from slaq.bench.handoff_cli import handoff
     from slaq.bench.prefix_cli import prefix
     from slaq.bench.serve_cli import serve, serve_compare
     from slaq.sim.cli import sim
@@ -158,6 +159,7 @@ def _attach_groups() -> None:
     bench.add_command(serve_compare)
     bench.add_command(chaos)
     bench.add_command(prefix)
+    bench.add_command(handoff)
     main.add_command(bench)
     main.add_command(sim)
 

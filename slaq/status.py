@@ -74,10 +74,20 @@ def _mask_password(url: str) -> str:
 
 
 def worker_entry(hb: Heartbeat, now: float, max_age_s: float) -> dict[str, Any]:
-    """One heartbeat as plain JSON-able values, plus its pressure, age and freshness."""
+    """One heartbeat as plain JSON-able values, plus its pressure, age and freshness.
+
+    The prefix hashes (up to 128 opaque ints, for affinity routing) are replaced by their
+    count: they would bury the rest of the entry. The hand-off counters stay, with the share
+    of handed-off blocks found cached here (None before the first hand-off).
+    """
     entry = dataclasses.asdict(hb)
+    del entry["prefix_hashes"]
     entry.update(kv_pressure=round(hb.pressure, 4), num_blocks_free=hb.num_blocks_free,
-                 age_s=round(max(0.0, now - hb.time), 3), fresh=hb.is_fresh(now, max_age_s))
+                 age_s=round(max(0.0, now - hb.time), 3), fresh=hb.is_fresh(now, max_age_s),
+                 num_prefix_hashes=len(hb.prefix_hashes),
+                 handoff_reuse_fraction=(
+                     round(hb.num_handoff_blocks_reused / hb.num_handoff_blocks, 4)
+                     if hb.num_handoff_blocks > 0 else None))
     return entry
 
 

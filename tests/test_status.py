@@ -106,6 +106,32 @@ def test_the_cli_prints_the_status(database_url, redis_url, worker, tmp_path) ->
     assert set(status["requests"]["by_state"]) >= {"queued", "finished", "failed"}
 
 
+def test_prefix_hashes_show_as_a_count_with_the_handoff_counters(tmp_path, database_url,
+                                                                 redis_url) -> None:
+    r = redis.Redis.from_url(redis_url)
+    hashes = [(i * 2654435761) % 2**61 for i in range(128)]  # as a worker publishes them
+    busy = Heartbeat(worker=f"decode-{uuid.uuid4().hex[:8]}", role="decode", time=time.time(),
+                     prefix_hashes=hashes, num_handoff_blocks=40, num_handoff_blocks_reused=10)
+    idle = Heartbeat(worker=f"decode-{uuid.uuid4().hex[:8]}", role="decode", time=time.time())
+    publish(r, busy, ttl_s=60)
+    publish(r, idle, ttl_s=60)
+    try:
+        status = collect_status(_settings(tmp_path, database_url, redis_url))
+    finally:
+        r.delete(heartbeat_key(busy.worker), heartbeat_key(idle.worker))
+        r.close()
+    entries = {w["worker"]: w for w in status["workers"]}
+    b, i = entries[busy.worker], entries[idle.worker]
+    assert "prefix_hashes" not in b
+    assert b["num_prefix_hashes"] == 128
+    assert b["num_handoff_blocks"] == 40 and b["num_handoff_blocks_reused"] == 10
+    assert b["handoff_reuse_fraction"] == 0.25
+    # No hand-off yet: no share to show, rather than a made-up 0.
+    assert i["num_prefix_hashes"] == 0 and i["num_handoff_blocks"] == 0
+    assert i["handoff_reuse_fraction"] is None
+    assert str(hashes[-1]) not in json.dumps(status)
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -63,8 +63,10 @@ def _totals(rows: list[dict[str, int]]) -> dict[str, Any]:
 
 
 def run_chat(conversations: int = 5, turns: int = 3, max_tokens: int = 16,
-             block_size: int = 16) -> dict[str, Any]:
-    """The synthetic chat on the tiny model (see the module doc)."""
+             block_size: int = 16,
+             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The synthetic chat on the tiny model (see the module doc); ``progress`` gets a line
+    after each mode (the modes take seconds each on a CPU)."""
     from slaq.gpu_workers.engine.llm_engine import LLMEngine
     from slaq.gpu_workers.engine.testing import TINY_PROMPTS, engine_config, make_tiny_model
 
@@ -116,6 +118,9 @@ def run_chat(conversations: int = 5, turns: int = 3, max_tokens: int = 16,
                     prompts[c] = prompt + answer + tok.encode(f" Next question {turn}:")
             tokens_by_mode[mode] = answers
             out[mode] = {**_totals(rows), "per_turn": [_totals(r) for r in per_turn]}
+            if progress is not None:
+                progress(f"chat {mode}: {out[mode]['blocks_pulled']} of "
+                         f"{out[mode]['blocks_leased']} blocks pulled in {len(rows)} hand-offs")
             for e in (prefill, *decodes.values()):
                 e.close()
         out["tokens_identical"] = all(t == tokens_by_mode["no_reuse"]

@@ -288,3 +288,29 @@ def test_a_dead_redis_drops_only_its_series(web_config) -> None:
     assert value(s, "slaq_metrics_source_up", source="database") == 1
     assert "slaq_requests" in types
     assert "vllm:num_requests_running" not in types
+
+
+def test_handoff_counters_per_worker(app, r) -> None:
+    tag = uuid.uuid4().hex[:8]
+    decode = _heartbeat(f"decode-{tag}", "decode", num_handoff_blocks=40,
+                        num_handoff_blocks_reused=25, prefix_hashes=list(range(-64, 64)))
+    prefill = _heartbeat(f"prefill-{tag}", "prefill")
+    publish(r, decode, ttl_s=60)
+    publish(r, prefill, ttl_s=60)
+    try:
+        s, types, _ = scrape(app)
+    finally:
+        r.delete(heartbeat_key(decode.worker), heartbeat_key(prefill.worker))
+    d, p = decode.worker, prefill.worker
+    assert types["slaq_worker_handoff_blocks"] == "counter"
+    assert types["slaq_worker_handoff_reused_blocks"] == "counter"
+    assert types["slaq_worker_prefix_hashes"] == "gauge"
+    assert value(s, "slaq_worker_handoff_blocks_total", worker=d, role="decode") == 40
+    assert value(s, "slaq_worker_handoff_reused_blocks_total", worker=d, role="decode") == 25
+    assert value(s, "slaq_worker_prefix_hashes", worker=d, role="decode") == 128
+    # A worker that took no hand-off over reports zeros, not a missing series.
+    assert value(s, "slaq_worker_handoff_blocks_total", worker=p, role="prefill") == 0
+    assert value(s, "slaq_worker_handoff_reused_blocks_total", worker=p, role="prefill") == 0
+    assert value(s, "slaq_worker_prefix_hashes", worker=p, role="prefill") == 0
+    # The hashes themselves are routing state, never label values.
+    assert not any("-64" in dict(labels).values() for _, labels in s)

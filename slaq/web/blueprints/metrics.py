@@ -290,6 +290,19 @@ def worker_metrics(heartbeats: list[Heartbeat], now: float) -> Iterator[Metric]:
         (CounterMetricFamily("slaq_worker_finished_requests",
                              "Requests the worker finished since it started", labels=wr),
          lambda hb: hb.num_finished),
+        # Decode side of a hand-off: blocks of the prompts it took over, and of those the ones
+        # it found in its own prefix cache instead of pulling (reused / total = reuse share).
+        (CounterMetricFamily("slaq_worker_handoff_blocks",
+                             "KV blocks of handed-off prompts the worker took over since it "
+                             "started", labels=wr),
+         lambda hb: hb.num_handoff_blocks),
+        (CounterMetricFamily("slaq_worker_handoff_reused_blocks",
+                             "Of those hand-off blocks, the ones found in the worker's prefix "
+                             "cache instead of pulled", labels=wr),
+         lambda hb: hb.num_handoff_blocks_reused),
+        (_gauge("slaq_worker_prefix_hashes",
+                "Prefix hashes the worker publishes for affinity routing", wr),
+         lambda hb: len(hb.prefix_hashes)),
     ]
     for family, value in per_worker:
         for hb in hbs:
