@@ -63,3 +63,41 @@ def test_graph_replay_matches_the_same_runner_without_graphs_in_bf16(tiny_model_
     # Buckets pad the batch, so GEMM shapes differ from the eager steps: allow a late
     # bf16 tie-break, not an early one.
     assert all(a[:8] == b[:8] for a, b in zip(got, expected, strict=True))
+
+
+def test_short_prefill_chunks_replay_the_graph_and_match_hf_in_fp32(tiny_model_path):
+    """The first prompt (38 tokens) is too long for graph rows in the tiny model's read budget
+    and prefills eagerly; the second shares its first 32 tokens, cached, so its 6-token chunk
+    runs as graph rows. Both give HF's greedy tokens."""
+    from slaq.gpu_workers.engine.config import SamplingParams
+    from slaq.gpu_workers.engine.cuda_graphs import CudaGraphModelRunner
+    from slaq.gpu_workers.engine.llm_engine import LLMEngine
+    from slaq.gpu_workers.engine.testing import (
+        TINY_PROMPTS,
+        engine_config,
+        hf_causal_lm,
+        hf_greedy,
+    )
+
+    config = engine_config(tiny_model_path, device="cuda", max_num_seqs=8)
+    runner = CudaGraphModelRunner(config)
+    engine = LLMEngine(config, runner=runner)
+    assert runner.graphs is not None
+    prefix = engine.tokenizer.encode(TINY_PROMPTS[2])
+    prompts = [prefix + engine.tokenizer.encode(" and then"),
+               prefix + engine.tokenizer.encode(" or else")]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    hf = hf_causal_lm(tiny_model_path)
+    prefilled_in_graph, cached = [], []
+    for i, prompt in enumerate(prompts):
+        before = runner.graphs.num_replays
+        engine.add_request(f"r{i}", prompt, params)
+        outs = engine.step()  # the prefill step (its first token is not held back)
+        prefilled_in_graph.append(runner.graphs.num_replays > before)
+        tokens = [t for o in outs for t in o.new_token_ids]
+        cached += [o.num_cached_tokens for o in outs]
+        while engine.has_unfinished():
+            tokens += [t for o in engine.step() for t in o.new_token_ids]
+        assert tokens == hf_greedy(hf, prompt, 16)
+    assert prefilled_in_graph == [False, True]
+    assert cached == [0, 32]

@@ -8,13 +8,15 @@ slot ``-1``; attend to nothing: context length 0). The paged Triton backend runs
 graph with a fixed partition count, so one capture serves every context length up to
 ``max_model_len``.
 
-:class:`CudaGraphModelRunner` is a :class:`ModelRunner` that uses it for decode-only steps and
-falls back to the eager path for steps with prefill chunks.
+:class:`CudaGraphModelRunner` is a :class:`ModelRunner` that uses it for decode steps and for
+steps whose prefill chunks are short (:func:`graph_rows`: one row per token), and falls back to
+the eager path for the rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -118,6 +120,7 @@ class DecodeGraphs:
         n = len(token_ids)
         size = next(s for s in self.sizes if s >= n)
         width = max(len(t) for t in block_tables)
+        assert width <= self.width, "sequence longer than max_model_len"
         self._copied.synchronize()  # the pinned mirrors are free to rewrite
         tokens = self._host_tokens.numpy()
         tokens[0, :n], tokens[1, :n], tokens[2, :n] = token_ids, positions, slots
@@ -153,6 +156,7 @@ class CudaGraphModelRunner(ModelRunner):
         if self.device.type != "cuda":
             raise ValueError("CudaGraphModelRunner needs a CUDA device")
         self.backend = TritonPagedBackend()
+        self._max_reads: int | None = None
         self.graphs: DecodeGraphs | None = None
         if config.use_cuda_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size,
@@ -164,34 +168,87 @@ class CudaGraphModelRunner(ModelRunner):
     def execute(self, out: SchedulerOutput,
                 overlap: Callable[[], None] | None = None) -> RunnerOutput:
         g = self.graphs
-        if (g is None or out.is_empty or len(out.scheduled) > g.max_batch_size
-                or any(s.num_new_tokens != 1 or not s.sample for s in out.scheduled)):
+        rows = None
+        if g is not None and not out.is_empty:
+            rows = graph_rows(out.scheduled, self.block_size, g.max_batch_size,
+                              self.max_graph_context_reads)
+        if rows is None:
             return super().execute(out, overlap)
-        return self._execute_decode(out.scheduled, overlap)
+        return self._execute_rows(rows, overlap)
 
-    def _execute_decode(self, scheduled: list[ScheduledSequence],
-                        overlap: Callable[[], None] | None) -> RunnerOutput:
+    @property
+    def max_graph_context_reads(self) -> int:
+        """Context tokens a step's prefill rows may read in the decode graph (see
+        :func:`graph_rows`): as many as make up half the weights' bytes in KV."""
+        if self._max_reads is None:
+            weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            self._max_reads = int(weight_bytes / 2 / (self.bytes_per_block / self.block_size))
+        return self._max_reads
+
+    def _execute_rows(self, rows: GraphRows, overlap: Callable[[], None] | None) -> RunnerOutput:
         assert self.graphs is not None
-        bs = self.block_size
-        ids, positions, slots, tables, rows = [], [], [], [], []
-        for s in scheduled:
-            seq, pos = s.seq, s.start
-            assert pos < self.max_model_len, "sequence longer than max_model_len"
-            table = seq.block_table
-            ids.append(seq.token_id_at(pos))
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            tables.append(table[:pos // bs + 1])
-            p = seq.params
-            rows.append(SampleRequest(seq.request_id, p,
-                                      seq.token_ids if p.repetition_penalty != 1.0 else ()))
-        logits, greedy_ids = self.graphs.run(ids, positions, slots, tables)
+        logits, greedy_ids = self.graphs.run(rows.token_ids, rows.positions, rows.slots,
+                                             rows.block_tables)
+        if len(rows.sample_indices) != len(rows.token_ids):
+            idx = torch.tensor(rows.sample_indices, dtype=torch.long, device=logits.device)
+            logits, greedy_ids = logits.index_select(0, idx), greedy_ids.index_select(0, idx)
         if overlap is not None:
             overlap()  # the replay is queued: host work here hides behind it
-        sampled = self.sampler.sample(logits, rows, greedy_ids)
         result = RunnerOutput()
-        for row, token_id, lp in zip(rows, sampled.token_ids, sampled.logprobs, strict=True):
+        if not rows.requests:
+            return result
+        sampled = self.sampler.sample(logits, rows.requests, greedy_ids)
+        for row, token_id, lp in zip(rows.requests, sampled.token_ids, sampled.logprobs,
+                                     strict=True):
             result.sampled_token_ids[row.request_id] = token_id
             if lp is not None:
                 result.logprobs[row.request_id] = lp
         return result
+
+
+@dataclass(slots=True)
+class GraphRows:
+    """A step laid out as decode-graph rows: one row per token computed."""
+
+    token_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    sample_indices: list[int] = field(default_factory=list)  # rows whose logits are sampled
+    requests: list[SampleRequest] = field(default_factory=list)  # one per sampled row
+
+
+def graph_rows(scheduled: list[ScheduledSequence], block_size: int, max_rows: int,
+               max_context_reads: int) -> GraphRows | None:
+    """Lay a step out as rows of the decode graph, or None when it belongs to the eager path.
+
+    A decode is one row. A short prefill chunk becomes one row per token: row ``i`` attends to
+    the sequence's first ``start + i + 1`` tokens, whose KV is in the pool once the layer has
+    stored the whole step's K/V, so the rows compute exactly the chunk's causal attention.
+    That replaces an eager forward (hundreds of kernel launches, the most of a short chunk's
+    time on a GPU: a 32-token chunk behind a cached 1,024-token prefix) with one replay. Each
+    row reads its whole context, so a step goes to the graph only while its prefill rows read
+    at most ``max_context_reads`` context tokens in all, and it has at most ``max_rows`` rows.
+    """
+    rows = GraphRows()
+    reads = 0
+    for item in scheduled:
+        seq, end = item.seq, item.start + item.num_new_tokens
+        if item.num_new_tokens > 1:
+            reads += item.num_new_tokens * (item.start + end + 1) // 2
+            if reads > max_context_reads:
+                return None
+        if len(rows.token_ids) + item.num_new_tokens > max_rows:
+            return None
+        table = seq.block_table
+        for pos in range(item.start, end):
+            rows.token_ids.append(seq.token_id_at(pos))
+            rows.positions.append(pos)
+            rows.slots.append(table[pos // block_size] * block_size + pos % block_size)
+            rows.block_tables.append(table[:pos // block_size + 1])
+        if item.sample:
+            rows.sample_indices.append(len(rows.token_ids) - 1)
+            p = seq.params
+            rows.requests.append(SampleRequest(
+                seq.request_id, p, seq.token_ids if p.repetition_penalty != 1.0 else ()))
+    return rows
