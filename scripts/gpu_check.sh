@@ -82,7 +82,7 @@ for s in ${SLAQ_GPU_STEPS:-transfer engine breakdown parity kernels gpu_tests}; 
     parity) step parity 60 "$PY" scripts/gpu_bench.py parity "$WORK" ;;
     kernels) step kernels 30 "$PY" scripts/gpu_bench.py kernels "$WORK" ;;
     prefix) step prefix 90 "$PY" scripts/gpu_bench.py prefix "$WORK" ;;
-    calibrate) step calibrate 120 "$PY" scripts/gpu_calibrate.py "$WORK" --budget-s 60 ;;
+    calibrate) step calibrate 150 "$PY" scripts/gpu_calibrate.py "$WORK" ;;
     gpu_tests) step gpu_tests 100 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
       -W default ${SLAQ_GPU_TESTS:-tests/gpu} --junitxml="$WORK/gpu_tests.xml" ;;
     *) echo "unknown step $s" ;;

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import click
 
-from slaq.sim.compare import DEFAULT_RUNS, RUNS, CompareConfig, compare
+from slaq.sim.compare import DEFAULT_RUNS, NO_PREFIX_SUFFIX, RUNS, CompareConfig, compare
 
 DEFAULT_TRACE = "../shared/traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
 
@@ -33,6 +34,10 @@ def _trace_options(f):
                      help="JSON overrides of tier targets (as SLAQ_TIERS_FILE).")(f)
     f = click.option("--out", "out_dir", default="sim-results", show_default=True,
                      help="Directory for JSON, PNG and Markdown tables.")(f)
+    f = click.option("--prefix-handoff/--no-prefix-handoff", default=True, show_default=True,
+                     help="Disaggregated runs: decode workers reuse cached prompt blocks on "
+                          "hand-off and routing prefers the worker holding the prefix "
+                          f"(off for one run only: a run name ending in {NO_PREFIX_SUFFIX}).")(f)
     return f
 
 
@@ -44,7 +49,8 @@ def sim() -> None:
 @sim.command("compare")
 @_trace_options
 @click.option("--runs", default=",".join(DEFAULT_RUNS), show_default=True,
-              help=f"Comma-separated, from: {', '.join(RUNS)}.")
+              help=f"Comma-separated, from: {', '.join(RUNS)} (each optionally with "
+                   f"{NO_PREFIX_SUFFIX}, e.g. slaq,slaq{NO_PREFIX_SUFFIX}).")
 def compare_cmd(runs: str, out_dir: str, tiers_file: str | None, **kwargs) -> None:
     """Run several policies on the same scaled trace; print the tables."""
     from slaq.platform.tiers import TierTable
@@ -74,10 +80,19 @@ def run_cmd(policy: str, out_dir: str, tiers_file: str | None, **kwargs) -> None
 
 @sim.command("profiles")
 def profiles_cmd() -> None:
-    """The named cost profiles and their constants."""
-    from slaq.gpu_workers.engine.cost_model import PROFILES
+    """The named cost profiles and their constants (calibrated ones with their provenance)."""
+    from slaq.gpu_workers.engine.cost_model import all_profiles
+    from slaq.gpu_workers.engine.profiles_store import calibrated_profiles
 
-    out = {name: {**asdict(p), "num_kv_blocks": p.num_kv_blocks} for name, p in PROFILES.items()}
+    calibrated = calibrated_profiles()
+    out = {}
+    for name, p in all_profiles().items():
+        out[name] = {**asdict(p), "num_kv_blocks": p.num_kv_blocks}
+        if name in calibrated:
+            r = calibrated[name]
+            out[name]["calibration"] = {"base": r.base, "date": r.date,
+                                        "measured_on": r.measured_on,
+                                        "num_samples": r.num_samples, "fit_error": r.fit_error}
     click.echo(json.dumps(out, indent=2))
 
 
@@ -91,21 +106,126 @@ def bench_policy_cmd(workers: int, queued: int) -> None:
     click.echo(json.dumps(bench_policy(workers, queued), indent=2))
 
 
-@sim.command("calibrate")
-@click.option("--model", "model_path", required=True, help="HF-style model directory.")
-@click.option("--base", default="smollm2-135m-cpu", show_default=True,
-              help="Profile whose model and hardware figures the fit starts from.")
-@click.option("--device", default="cpu", show_default=True)
-def calibrate_cmd(model_path: str, base: str, device: str) -> None:
-    """Measure our torch engine on a grid of prompts and batches; print the fitted profile."""
-    from slaq.gpu_workers.engine.config import EngineConfig
-    from slaq.gpu_workers.engine.cost_model import calibrate_engine, get_profile
-    from slaq.gpu_workers.engine.llm_engine import LLMEngine
-
-    engine = LLMEngine(EngineConfig(model=model_path, device=device))
+def _ints(text: str) -> tuple[int, ...]:
     try:
-        profile, samples = calibrate_engine(engine, get_profile(base), name=f"{base}-measured")
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+@sim.command("calibrate")
+@click.option("--model", "model_path", default=None,
+              help="HF-style model directory to measure (or a model-store name).")
+@click.option("--samples", "samples_file", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="Fit recorded samples (a *.samples.json) instead of measuring.")
+@click.option("--base", default=None,
+              help="Profile whose model and hardware figures the fit starts from "
+                   "[default: the samples file's own, else smollm2-135m-cpu].")
+@click.option("--name", default=None, help="Name of the fitted profile [default: BASE-measured].")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--prompt-lens", default="16,64,256", show_default=True,
+              callback=lambda ctx, param, v: _ints(v))
+@click.option("--batch-sizes", default="1,4,16", show_default=True,
+              callback=lambda ctx, param, v: _ints(v))
+@click.option("--max-tokens", default=8, show_default=True, type=int)
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(1),
+              help="Measure the grid (and the validation) this many times; each step's "
+                   "fastest time counts (a shared machine slows some runs down).")
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="torch CPU threads [default: torch's, one per core]; recorded with the "
+                   "profile.")
+@click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False),
+              help="Write the profile JSON here and the samples beside it (NAME.samples.json).")
+@click.option("--validate", is_flag=True,
+              help="Also time 8 requests (prompts 64-256, 32 new tokens) on the --model engine "
+                   "and compare with the sim engine's prediction (with --samples too).")
+def calibrate_cmd(model_path: str | None, samples_file: str | None, base: str | None,
+                  name: str | None, device: str, dtype: str, prompt_lens: tuple[int, ...],
+                  batch_sizes: tuple[int, ...], max_tokens: int, repeats: int,
+                  threads: int | None, out_file: str | None, validate: bool) -> None:
+    """Measure our torch engine on a grid of prompts and batches (or read recorded samples),
+    fit a cost profile, report its error on held-out grid cells; print the profile."""
+    from slaq.gpu_workers.engine import profiles_store as store
+    from slaq.gpu_workers.engine.cost_model import get_profile
+    from slaq.sim import calibration
+
+    if model_path is None and samples_file is None:
+        raise click.UsageError("give --model (measure it) or --samples (fit recorded steps)")
+    if validate and model_path is None:
+        raise click.UsageError("--validate runs the engine: it needs --model")
+    if samples_file and model_path and not validate:
+        raise click.UsageError("with --samples, --model only serves --validate")
+    meta: dict = {}
+    if samples_file:
+        samples, meta = store.read_samples(samples_file)
+        measured_on = meta.get("measured_on") or {}
+        extra = {"grid": meta.get("grid"), "samples_from": Path(samples_file).name}
+    if base is None and "base_profile" in meta:
+        base_profile = store.profile_from_dict(meta["base_profile"])
+        base = base_profile.name
+    else:
+        base = base or meta.get("base") or "smollm2-135m-cpu"
+        base_profile = get_profile(base)
+    name = name or f"{base}-measured"
+    engine = None
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    if model_path is not None:
+        grid = calibration.Grid(prompt_lens, batch_sizes, max_tokens)
+        engine = calibration.build_engine(_model_dir(model_path), device, dtype, grid)
+    try:
+        if not samples_file:
+            before = calibration.host_info(device)
+            samples = _measure_with_progress(calibration, engine, grid, repeats)
+            # The load average says whether others shared the cores while we measured.
+            measured_on = {**calibration.host_info(device), "model": Path(model_path).name,
+                           "dtype": dtype, "load_avg_1m_before": before.get("load_avg_1m")}
+            extra = {"grid": {"prompt_lens": list(prompt_lens),
+                              "batch_sizes": list(batch_sizes), "max_tokens": max_tokens,
+                              "repeats": repeats}}
+            meta = {"base": base, "measured_on": measured_on, "grid": extra["grid"]}
+        record = calibration.fit(base_profile, base, samples, name, measured_on, extra)
+        if validate:
+            check = calibration.validate(engine, record.profile, repeats=repeats)
+            record = replace(record, extra={**record.extra, "validation": check})
     finally:
-        engine.close()
-    out = {**asdict(profile), "num_samples": len(samples)}
-    click.echo(json.dumps(out, indent=2))
+        if engine is not None:
+            engine.close()
+    if out_file:
+        path, spath = store.write_profile(out_file, record, samples, meta)
+        click.echo(f"wrote {path} and {spath}", err=True)
+    click.echo(json.dumps({**asdict(record.profile), "num_samples": record.num_samples,
+                           "fit_error": record.fit_error,
+                           **{k: v for k, v in record.extra.items() if k == "validation"}},
+                          indent=2))
+
+
+def _model_dir(name_or_path: str) -> Path:
+    from slaq.gpu_workers.model_store import resolve_model
+    from slaq.platform.settings import Settings
+
+    return resolve_model(name_or_path, Settings.from_env().models_dir)
+
+
+def _measure_with_progress(calibration, engine, grid, repeats: int) -> list:
+    """Measure with a progress bar on stderr (none when stderr is not a terminal)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    console = Console(stderr=True)
+    cells = len(grid.prompt_lens) * len(grid.batch_sizes) * repeats
+    with Progress(TextColumn("measuring grid cells"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("cells", total=cells)
+        return calibration.measure(engine, grid, repeats=repeats,
+                                   progress=lambda done, total: bar.update(task, completed=done))

@@ -23,6 +23,19 @@ RUNS: dict[str, tuple[str, bool]] = {
     "static-agg": ("static", False),
 }
 DEFAULT_RUNS = ("fifo", "static", "slaq", "slaq-agg")
+# A run name with this suffix (``slaq-noprefix``) is that run without the prefix-aware
+# hand-off (every KV block moves, routing ignores cached prefixes): both in one invocation.
+NO_PREFIX_SUFFIX = "-noprefix"
+
+
+def run_spec(name: str, prefix_handoff: bool = True) -> tuple[str, bool, bool]:
+    """``(policy, disaggregated, prefix_handoff)`` of a run name (see :data:`RUNS`)."""
+    if name.endswith(NO_PREFIX_SUFFIX) and name[: -len(NO_PREFIX_SUFFIX)] in RUNS:
+        return (*RUNS[name[: -len(NO_PREFIX_SUFFIX)]], False)
+    if name not in RUNS:
+        raise ValueError(f"unknown run {name!r}; known: {sorted(RUNS)}, each optionally "
+                         f"with {NO_PREFIX_SUFFIX!r}")
+    return (*RUNS[name], prefix_handoff)
 
 
 @dataclass(frozen=True)
@@ -41,15 +54,16 @@ class CompareConfig:
     runs: tuple[str, ...] = DEFAULT_RUNS
     capacity_requests: int | None = None  # None: the whole trace
     tiers: TierTable = field(default_factory=TierTable)
+    # False: no run uses the prefix-aware hand-off (SimConfig.prefix_handoff).
+    prefix_handoff: bool = True
 
     def __post_init__(self) -> None:
         if self.load <= 0:
             raise ValueError("load must be > 0")
         if self.scaling not in ("time", "replicate"):
             raise ValueError("scaling must be 'time' or 'replicate'")
-        unknown = set(self.runs) - set(RUNS)
-        if unknown:
-            raise ValueError(f"unknown runs {sorted(unknown)}; known: {sorted(RUNS)}")
+        for name in self.runs:
+            run_spec(name)  # raises ValueError for an unknown name
 
 
 @dataclass
@@ -117,10 +131,11 @@ def compare(cfg: CompareConfig, out_dir: str | Path | None = None) -> Comparison
     trace, measured, analytic = prepare_trace(cfg)
     summaries = []
     for name in cfg.runs:
-        policy, disagg = RUNS[name]
+        policy, disagg, prefix = run_spec(name, cfg.prefix_handoff)
         result = run_simulation(SimConfig(trace=trace, policy=policy, num_gpus=cfg.num_gpus,
                                           profile=cfg.profile, disaggregated=disagg,
-                                          tiers=cfg.tiers, seed=cfg.seed))
+                                          tiers=cfg.tiers, seed=cfg.seed,
+                                          prefix_handoff=prefix))
         summaries.append(summarise(result, name))
     comp = Comparison(cfg, trace, measured, analytic, summaries)
     if out_dir is not None:
@@ -137,6 +152,7 @@ def write_outputs(comp: Comparison, out_dir: str | Path) -> tuple[Path, Path]:
         "sustainable_rate_analytic": comp.analytic_rate, "load": comp.config.load,
         "scaling": comp.config.scaling, "profile": comp.config.profile,
         "num_gpus": comp.config.num_gpus, "prompt_scale": comp.config.prompt_scale,
+        "prefix_handoff": comp.config.prefix_handoff,
     }
     j = write_json(comp.summaries, out / f"{stem}.json", extra)
     p = plot(comp.summaries, out / f"{stem}.png",

@@ -69,6 +69,13 @@ class RunSummary:
     # Planner: (prefill, decode, aggregated) workers, median and max over the arrival span.
     plan_p50: tuple[int, int, int] | None
     plan_max: tuple[int, int, int] | None
+    # Disaggregated runs: KV blocks per hand-off (the prompt's) and of those moved (not
+    # cached on the decode worker); hand-offs the prefix-affinity rule re-routed.
+    prefix_handoff: bool = True
+    num_handoffs: int = 0
+    kv_blocks_per_handoff: float | None = None
+    kv_blocks_moved_per_handoff: float | None = None
+    num_affinity_routed: int = 0
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -137,7 +144,16 @@ def summarise(result: SimResult, name: str | None = None) -> RunSummary:
         num_lost=sum(1 for r in recs if not r.refused and r.finish_s is None),
         num_preemptions=result.num_preemptions, policy_cycle_p99_ms=_pct(cycles, 99),
         wall_s=result.wall_s, tiers=per_tier, decisions=dict(result.decisions),
-        **_plans(result))
+        **_plans(result), **_handoffs(result))
+
+
+def _handoffs(result: SimResult) -> dict[str, object]:
+    h = result.handoffs
+    moved = h.num_handoffs > 0
+    return {"prefix_handoff": result.config.prefix_handoff, "num_handoffs": h.num_handoffs,
+            "kv_blocks_per_handoff": h.blocks_per_handoff if moved else None,
+            "kv_blocks_moved_per_handoff": h.moved_per_handoff if moved else None,
+            "num_affinity_routed": h.num_affinity_routed}
 
 
 def _plans(result: SimResult) -> dict[str, tuple[int, int, int] | None]:
@@ -188,14 +204,18 @@ def format_table(summaries: list[RunSummary]) -> str:
                          f"{t.num_downgraded} | {t.num_infeasible} | "
                          f"{pct(t.ttft_attainment_feasible)} |")
     lines += ["", "| run | topology | goodput req/s | per GPU | strict | throughput | makespan s "
-              "| lost | preempt. | policy p99 ms | plan p50 P/D/agg | wall s |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+              "| lost | preempt. | policy p99 ms | plan p50 P/D/agg | KV blocks moved/hand-off "
+              "| wall s |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for s in summaries:
         plan = "-" if s.plan_p50 is None else "/".join(map(str, s.plan_p50))
         cyc = "-" if s.policy_cycle_p99_ms is None else f"{s.policy_cycle_p99_ms:.2f}"
+        kv = ("-" if s.kv_blocks_moved_per_handoff is None else
+              f"{s.kv_blocks_moved_per_handoff:.0f} of {s.kv_blocks_per_handoff:.0f}")
         lines.append(f"| {s.name} | {s.topology} | {s.goodput:.2f} | {s.goodput_per_gpu:.2f} | "
                      f"{s.strict_goodput:.2f} | {s.throughput:.2f} | {s.makespan_s:.0f} | "
-                     f"{s.num_lost} | {s.num_preemptions} | {cyc} | {plan} | {s.wall_s:.0f} |")
+                     f"{s.num_lost} | {s.num_preemptions} | {cyc} | {plan} | {kv} | "
+                     f"{s.wall_s:.0f} |")
     return "\n".join(lines)
 
 

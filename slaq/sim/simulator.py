@@ -11,6 +11,13 @@ admission modes).
 Worker pull model: a worker takes a ticket only while fewer than one step's worth of prompt
 tokens wait inside its engine and its KV pool has room, so the backlog stays in the queues
 where the policy can reorder it.
+
+Prefix-aware hand-off (``SimConfig.prefix_handoff``, on by default as in the live stack): a
+prefilled request goes to the decode worker the live router would pick
+(:func:`slaq.platform.decisions.choose_decode_worker`, then
+:func:`slaq.platform.affinity.choose_affine_worker` on the prompt's chain hashes and the
+decode workers' heartbeats, which carry ``BlockManager.prefix_summary()``); that worker pins
+the prompt's leading cached blocks and the transfer is charged only for the rest.
 """
 
 from __future__ import annotations
@@ -25,13 +32,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from slaq.gpu_workers.engine.block_manager import block_hashes
 from slaq.gpu_workers.engine.config import SamplingParams, SchedulerConfig
 from slaq.gpu_workers.engine.cost_model import CostProfile, get_profile
 from slaq.gpu_workers.engine.scheduler import PREFILL_DONE
 from slaq.gpu_workers.engine.sequence import Sequence
-from slaq.platform import policy
-from slaq.platform.policy import PolicyConfig, PolicyState, choose_weighted
-from slaq.platform.pressure import pick_decode_worker
+from slaq.platform import affinity, policy
+from slaq.platform.affinity import DEFAULT_AFFINITY, AffinityConfig
+from slaq.platform.decisions import choose_decode_worker
+from slaq.platform.policy import PolicyConfig, PolicyState
 from slaq.platform.snapshot import (
     Arrivals,
     Plan,
@@ -50,6 +59,7 @@ from slaq.sim.traces import Trace
 from slaq.sim.worker import Handoff, SimWorker
 
 POLICIES = ("fifo", "static", "slaq")
+_MAX_AGE_S = 1e9  # simulated heartbeats never go stale (no worker dies)
 FIFO_QUEUE = "fifo"
 _ARRIVAL, _STEP, _TRANSFER, _TICK, _HEARTBEAT = range(5)
 
@@ -75,6 +85,11 @@ class SimConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     max_drain_s: float = 86400.0  # virtual seconds after the last arrival before giving up
+    # Disaggregated: decode workers reuse cached prompt blocks on hand-off (only the rest
+    # moves) and routing prefers the worker holding the prompt's prefix (the live stack's
+    # prefix-aware hand-off). False: every block moves, routing ignores cached prefixes.
+    prefix_handoff: bool = True
+    affinity: AffinityConfig = DEFAULT_AFFINITY
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -112,6 +127,7 @@ class RequestRecord:
     attempt: int = 0
     state: str = "queued"  # queued | running | finished | refused
     queue_tier: str = "default"
+    decode_worker: str | None = None  # disaggregated: where its hand-off went
 
     @property
     def ttft_s(self) -> float | None:
@@ -122,6 +138,26 @@ class RequestRecord:
         if self.finish_s is None or self.first_token_s is None or self.num_output_tokens < 2:
             return None
         return (self.finish_s - self.first_token_s) / (self.num_output_tokens - 1)
+
+
+@dataclass(slots=True)
+class HandoffStats:
+    """KV moved by hand-offs (disaggregated runs). A hand-off's blocks are its prompt's
+    (what the lease holds and the decode side allocates as computed); ``blocks_moved`` are
+    those not found cached on the decode worker."""
+
+    num_handoffs: int = 0
+    blocks: int = 0
+    blocks_moved: int = 0
+    num_affinity_routed: int = 0  # the affinity rule overrode the weight/pressure choice
+
+    @property
+    def blocks_per_handoff(self) -> float:
+        return self.blocks / self.num_handoffs if self.num_handoffs else 0.0
+
+    @property
+    def moved_per_handoff(self) -> float:
+        return self.blocks_moved / self.num_handoffs if self.num_handoffs else 0.0
 
 
 @dataclass
@@ -141,6 +177,7 @@ class SimResult:
     num_preemptions: int
     # Per policy tick: (time, cumulative prefill tokens computed, cumulative decode tokens).
     token_series: list[tuple[float, int, int]] = field(default_factory=list)
+    handoffs: HandoffStats = field(default_factory=HandoffStats)
 
 
 class Simulator:
@@ -182,6 +219,7 @@ class Simulator:
         self.plans: list[tuple[float, int, int, int]] = []
         self.token_series: list[tuple[float, int, int]] = []
         self.num_unresolved = len(self.records)
+        self.handoff_stats = HandoffStats()
 
     # ---- setup --------------------------------------------------------------------------
 
@@ -249,13 +287,17 @@ class Simulator:
             else:
                 self.heartbeats = [w.heartbeat(t) for w in self.workers]
                 self._push(t + self.cfg.heartbeat_interval_s, _HEARTBEAT, None)
+        # Hand-offs cut off by the horizon never arrive: their pins go back too.
+        for w in self.decoders:
+            w.release_pins()
         makespan = max((r.finish_s or r.arrival_s) for r in self.records)
         n_p = sum(1 for w in self.workers if w.role == "prefill")
         return SimResult(
             self.cfg, self.records, makespan, time.perf_counter() - wall0, n_p,
             len(self.decoders), sum(1 for w in self.workers if w.role == "both"),
             self.policy_cycle_s, self.decisions, self.plans,
-            sum(w.scheduler.num_preemptions for w in self.workers), self.token_series)
+            sum(w.scheduler.num_preemptions for w in self.workers), self.token_series,
+            self.handoff_stats)
 
     # ---- arrivals and queues --------------------------------------------------------------
 
@@ -392,21 +434,43 @@ class Simulator:
         self._kick(w)
 
     def _handoff(self, w: SimWorker, seq: Sequence) -> None:
-        target = self._route()
-        dseq = Sequence(request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
+        prompt = seq.prompt_token_ids
+        bs = w.block_manager.block_size
+        num_blocks = w.block_manager.num_blocks_for(seq.num_prompt_tokens)  # the lease's
+        reuse = self.cfg.prefix_handoff
+        target = self._route(block_hashes(prompt, bs) if reuse else [], num_blocks)
+        # The decode side pins what it has cached before the pull (EngineLoop.reserve_prefix).
+        pinned = target.reserve_prefix(seq.request_id, prompt) if reuse else 0
+        dseq = Sequence(request_id=seq.request_id, prompt_token_ids=prompt,
                         params=seq.params, rank=seq.rank, arrival_time=seq.arrival_time,
                         output_token_ids=list(seq.output_token_ids))
-        ready = self.now + self.profile.transfer_time(seq.num_tokens)
+        self.records[int(seq.request_id)].decode_worker = target.name
+        st = self.handoff_stats
+        st.num_handoffs += 1
+        st.blocks += num_blocks
+        st.blocks_moved += num_blocks - pinned
+        ready = self.now + self.profile.transfer_time(seq.num_tokens - pinned * bs)
         self._push(ready, _TRANSFER, (target, Handoff(dseq, w.name, ready)))
 
-    def _route(self) -> SimWorker:
-        if self.routing:
-            name = choose_weighted(self.routing, self.rng.random())
-            if name is not None:
-                return self.by_name[name]
-        hb = pick_decode_worker([h for h in self.heartbeats if h.role == "decode"], self.now,
-                                max_age_s=1e9)
-        return self.by_name[hb.worker] if hb is not None else self.decoders[0]
+    def _route(self, prefix_hashes: list[int], num_blocks: int) -> SimWorker:
+        """The live router's choice (``DecodeRouter.pick``) on the sim's heartbeats: weights
+        or pressure, unless another worker holds a clearly longer prefix of the prompt."""
+        weights = self.routing or {}
+        # Drawn only when something consumes it, so runs without weights or affinity keep
+        # the random stream they had before affinity existed.
+        u = self.rng.random() if (weights or prefix_hashes) else 0.0
+        now = self.now
+        chosen = choose_decode_worker(weights, self.heartbeats, now, _MAX_AGE_S, u)
+        if prefix_hashes:
+            # Looked up at call time: the live router calls this very function.
+            better = affinity.choose_affine_worker(weights, self.heartbeats, now, _MAX_AGE_S,
+                                                   u, prefix_hashes, num_blocks, (), chosen,
+                                                   self.cfg.affinity)
+            if better is not None:
+                if better.worker != chosen:
+                    self.handoff_stats.num_affinity_routed += 1
+                return self.by_name[better.worker]
+        return self.by_name[chosen] if chosen is not None else self.decoders[0]
 
     def _on_transfer(self, payload: tuple[SimWorker, Handoff]) -> None:
         target, h = payload

@@ -2,7 +2,14 @@
 
 The simulator owns the clock; a worker only knows how to start a step (returning its
 duration), finish it, take prefilled work from a transfer, and describe itself as a
-:class:`~slaq.platform.pressure.Heartbeat`.
+:class:`~slaq.platform.pressure.Heartbeat` (with its block manager's ``prefix_summary()``, as a
+live heartbeat carries it, for prefix-affinity routing).
+
+Decode side of a hand-off, as the live engine loop does it: :meth:`SimWorker.reserve_prefix`
+pins the prompt's leading cached blocks (``BlockManager.pin_prefix``, what
+``LLMEngine.reserve_prefix`` calls) when the hand-off is routed here, so only the rest moves;
+``Scheduler.add_prefilled`` takes the pins over on admission. Pins are given back when the
+add fails and by :meth:`SimWorker.release_pins` when the run ends with hand-offs undelivered.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ class SimWorker:
         self._window_decode = 0
         self.prefill_rate = 0.0
         self.decode_rate = 0.0
+        self.num_pins_dropped = 0  # blocks unpinned so that a waiting head could fit
 
     # ---- capacity to take more work -----------------------------------------------------
 
@@ -81,11 +89,55 @@ class SimWorker:
         """Move transfers that now fit into the running batch; returns those admitted."""
         done = []
         sched = self.scheduler
-        while self.pending and sched.can_add_prefilled(self.pending[0].seq):
-            h = self.pending.popleft()
-            sched.add_prefilled(h.seq)
-            done.append(h)
+        while self.pending:
+            if sched.can_add_prefilled(self.pending[0].seq):
+                done.append(self._admit(self.pending.popleft()))
+                continue
+            if sched.num_running or sched.num_waiting:
+                return done  # running requests will free room
+            # Nothing runs (the engine loop's rule). Blocks pinned for hand-offs queued behind
+            # may be what the head lacks: one of them that fits goes first and gives them
+            # back when it finishes; pins of transfers still in flight end when they arrive.
+            behind = next((h for h in list(self.pending)[1:]
+                           if sched.can_add_prefilled(h.seq)), None)
+            if behind is not None:
+                self.pending.remove(behind)
+                done.append(self._admit(behind))
+                continue
+            waiting = {h.seq.request_id for h in self.pending}
+            if self.block_manager.pinned_keys() - waiting:
+                return done
+            # Where the live loop fails the head, give back the pins of those behind it
+            # instead (their KV stays modelled as moved): a request is never lost to pins.
+            head = self.pending[0].seq.request_id
+            freed = sum(self.block_manager.unpin(k) for k in waiting - {head})
+            self.num_pins_dropped += freed
+            if not freed or not sched.can_add_prefilled(self.pending[0].seq):
+                return done  # it never fits (as without pins)
         return done
+
+    def _admit(self, h: Handoff) -> Handoff:
+        try:
+            self.scheduler.add_prefilled(h.seq)
+        except BaseException:
+            self.release_prefix(h.seq.request_id)  # keep pins balanced on every path
+            raise
+        return h
+
+    def reserve_prefix(self, request_id: str, prompt_token_ids: list[int]) -> int:
+        """Pin the prompt's leading cached blocks for a hand-off coming here (as
+        ``LLMEngine.reserve_prefix``); returns how many (their KV need not move)."""
+        if self.scheduler.get(request_id) is not None:
+            raise ValueError(f"request {request_id!r} is already in this engine")
+        return self.block_manager.pin_prefix(request_id, prompt_token_ids)
+
+    def release_prefix(self, request_id: str) -> int:
+        """Give back what :meth:`reserve_prefix` pinned (no-op once admitted)."""
+        return self.block_manager.unpin(request_id)
+
+    def release_pins(self) -> int:
+        """Give back every pin (the run ended with hand-offs not admitted); how many blocks."""
+        return sum(self.block_manager.unpin(k) for k in self.block_manager.pinned_keys())
 
     # ---- steps --------------------------------------------------------------------------
 
@@ -116,8 +168,10 @@ class SimWorker:
     # ---- reporting ----------------------------------------------------------------------
 
     def reserved_blocks(self) -> int:
+        """Blocks waiting hand-offs still need (pinned ones are held, so counted as used)."""
         bm = self.block_manager
-        return sum(bm.num_blocks_for(h.seq.num_tokens) for h in self.pending)
+        return sum(bm.num_blocks_for(h.seq.num_tokens) - bm.num_pinned(h.seq.request_id)
+                   for h in self.pending)
 
     def heartbeat(self, now: float) -> Heartbeat:
         """This worker's heartbeat at ``now`` (token rates over the time since the last one)."""
@@ -138,4 +192,6 @@ class SimWorker:
             num_preemptions=sched.num_preemptions, prefill_tokens_per_s=self.prefill_rate,
             decode_tokens_per_s=self.decode_rate, last_batch_size=sched.last_batch_size,
             max_batch_size=sched.max_batch_size_seen, time=now,
+            prefix_hashes=bm.prefix_summary(), num_handoff_blocks=bm.num_handoff_blocks,
+            num_handoff_blocks_reused=bm.num_handoff_reused_blocks,
         )

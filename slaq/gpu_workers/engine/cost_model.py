@@ -3,7 +3,7 @@
 One engine step runs a batch of prefill chunks and decodes (see
 :class:`~slaq.gpu_workers.engine.outputs.SchedulerOutput`). Its time is modelled as::
 
-    t = overhead
+    t = overhead + seq_overhead * sequences
         + max(bytes_moved / (hbm_bw * bw_eff), linear_flops / (peak * mfu))   # roofline
         + attention_flops / (peak * attn_eff)                                 # attention term
 
@@ -88,6 +88,9 @@ class CostProfile:
     attn_eff: float = 0.5  # fraction of peak reached by (flash) attention
     bw_eff: float = 0.8  # fraction of HBM bandwidth reached by decode GEMVs
     overhead_s: float = 0.0015  # per-step scheduling / launch cost
+    # Per sequence in the step: its logits row, sampling and bookkeeping run once per sequence
+    # whatever its token count. Negligible on a GPU (0 in the spec profiles); calibrate fits it.
+    seq_overhead_s: float = 0.0
     tp_eff: float = 1.0  # parallel efficiency across num_devices (all-reduce cost)
     memory_util: float = 0.9  # share of device memory the engine may take
     activation_bytes: float = 4e9  # per replica: activations, CUDA graphs, workspace
@@ -103,8 +106,8 @@ class CostProfile:
             v = getattr(self, name)
             if not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {v}")
-        if self.overhead_s < 0:
-            raise ValueError("overhead_s must be >= 0")
+        if self.overhead_s < 0 or self.seq_overhead_s < 0:
+            raise ValueError("overhead_s and seq_overhead_s must be >= 0")
         if self.num_kv_blocks < 1:
             raise ValueError(f"profile {self.name}: the weights leave no room for a KV cache")
 
@@ -136,9 +139,11 @@ class CostProfile:
         """Seconds for one step computing ``(past_tokens, new_tokens)`` for each sequence."""
         m = self.model
         num_tokens = 0
+        num_seqs = 0
         context = 0
         attn_work = 0.0
         for past, new in chunks:
+            num_seqs += 1
             num_tokens += new
             context += past + new
             attn_work += new * (past + new / 2)
@@ -150,7 +155,8 @@ class CostProfile:
         mem_s = moved / (self._bandwidth * self.bw_eff)
         compute_s = linear_flops / (self._flops * self.mfu)
         roofline = max(mem_s, compute_s) if self.overlap else mem_s + compute_s
-        return self.overhead_s + roofline + attn_flops / (self._flops * self.attn_eff)
+        return (self.overhead_s + self.seq_overhead_s * num_seqs + roofline
+                + attn_flops / (self._flops * self.attn_eff))
 
     def scheduler_step_time(self, out: SchedulerOutput) -> float:
         """Step time of a scheduler output (the runner's view)."""
@@ -269,11 +275,12 @@ class StepSample:
 
 
 def calibrate(base: CostProfile, samples: Sequence[StepSample], name: str | None = None) -> CostProfile:
-    """Fit ``overhead_s``, ``mfu``, ``attn_eff`` and ``bw_eff`` of ``base`` to measured steps.
+    """Fit ``overhead_s``, ``seq_overhead_s``, ``mfu``, ``attn_eff`` and ``bw_eff`` of ``base``
+    to measured steps.
 
-    Least squares of relative error on ``t = overhead + a * linear_flops + b * attention_flops
-    + c * bytes`` (a linear surrogate of the roofline: on a CPU compute and memory time add up
-    more than they overlap), with every coefficient kept >= 0; each coefficient becomes an
+    Least squares of relative error on ``t = overhead + d * sequences + a * linear_flops
+    + b * attention_flops + c * bytes`` (a linear surrogate of the roofline: on a CPU compute
+    and memory time add up more than they overlap), with every coefficient kept >= 0; each coefficient becomes an
     efficiency against the profile's peak figures; where the machine beats a peak figure, the
     fitted profile's hardware (renamed ``NAME-fitted``) gets the achieved rate as its peak. A
     term the data cannot resolve (its coefficient pinned at 0, e.g. bytes moved when the
@@ -290,7 +297,7 @@ def calibrate(base: CostProfile, samples: Sequence[StepSample], name: str | None
         attn = sum(n * (p + n / 2) for p, n in s.chunks)
         rows.append([1.0, 2.0 * m.num_params * num_tokens,
                      4.0 * m.num_layers * m.num_q_heads * m.head_dim * attn,
-                     m.weight_bytes + m.kv_bytes_per_token * context])
+                     m.weight_bytes + m.kv_bytes_per_token * context, float(len(s.chunks))])
         y.append(s.seconds)
     # Relative errors: steps span milliseconds (decode) to seconds (long prefills on a CPU),
     # and absolute least squares would fit only the longest.
@@ -300,7 +307,7 @@ def calibrate(base: CostProfile, samples: Sequence[StepSample], name: str | None
     coef = _nonneg_lstsq(a / scale, np.ones_like(yv)) / scale
     hw = base.hardware
     per_peak = hw.num_devices * base.tp_eff
-    c_lin, c_attn, c_bytes = (float(c) for c in coef[1:])
+    c_lin, c_attn, c_bytes, c_seq = (float(c) for c in coef[1:])
     # An achieved rate above the profile's peak (the CPU placeholders are guesses) would need
     # an efficiency above 1, and clipping it would predict the wrong time: raise the peak to
     # the achieved rate instead, so the profile reproduces the fitted coefficients exactly.
@@ -319,6 +326,7 @@ def calibrate(base: CostProfile, samples: Sequence[StepSample], name: str | None
         name=name or f"{base.name}-calibrated",
         hardware=hw,
         overhead_s=float(coef[0]),
+        seq_overhead_s=c_seq,
         mfu=eff(c_lin, flops),
         attn_eff=eff(c_attn, flops),
         bw_eff=eff(c_bytes, bw),
@@ -328,7 +336,7 @@ def calibrate(base: CostProfile, samples: Sequence[StepSample], name: str | None
 
 def _nonneg_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Least squares with coefficients >= 0, exactly: the best of the unconstrained fits on
-    every subset of columns whose coefficients all come out >= 0 (15 subsets of 4 columns).
+    every subset of columns whose coefficients all come out >= 0 (31 subsets of 5 columns).
     Near-ties go to fewer columns, then to earlier ones (the overhead before bytes moved)."""
     n = a.shape[1]
     coef = np.zeros(n)

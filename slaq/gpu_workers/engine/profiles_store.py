@@ -122,8 +122,14 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_samples(path: str | Path, samples: list[StepSample], meta: dict[str, Any]) -> Path:
+    """One sample per line: a batch-128 step has 256 numbers, which indented JSON would put on
+    256 lines."""
     path = Path(path)
-    _write_json(path, samples_to_dict(samples, meta))
+    data = samples_to_dict(samples, meta)
+    rows = ",\n".join(json.dumps(r, separators=(",", ":")) for r in data["samples"])
+    head = json.dumps({k: v for k, v in data.items() if k != "samples"}, indent=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head[:-2] + ',\n  "samples": [\n' + rows + "\n]}\n")
     return path
 
 
