@@ -99,8 +99,9 @@ def build_prefix_engine(cfg: PrefixBenchConfig) -> Any:
     config = EngineConfig(
         model=cfg.model, device=cfg.device, dtype=cfg.dtype,
         # The whole prompt in one step: the uncached TTFT is one full prefill, not chunks.
-        scheduler=SchedulerConfig(max_num_seqs=4,
-                                  max_num_batched_tokens=max(2048, seq_len),
+        # The engine's default seats, as a worker runs: they also size the decode graphs,
+        # which take a short chunk behind a cached prefix as one row per token.
+        scheduler=SchedulerConfig(max_num_batched_tokens=max(2048, seq_len),
                                   max_model_len=seq_len + 1),
         cache=CacheConfig(block_size=cfg.block_size, num_blocks=4 * per_seq + 8,
                           enable_prefix_caching=True),

@@ -67,8 +67,8 @@ def test_graph_replay_matches_the_same_runner_without_graphs_in_bf16(tiny_model_
 
 def test_short_prefill_chunks_replay_the_graph_and_match_hf_in_fp32(tiny_model_path):
     """The first prompt (38 tokens) is too long for graph rows in the tiny model's read budget
-    and prefills eagerly; the second shares its first 32 tokens, cached, so its 6-token chunk
-    runs as graph rows. Both give HF's greedy tokens."""
+    and prefills eagerly; the second (42 tokens) shares its first 32, cached, so its 10-token
+    chunk runs as graph rows. Both give HF's greedy tokens."""
     from slaq.gpu_workers.engine.config import SamplingParams
     from slaq.gpu_workers.engine.cuda_graphs import CudaGraphModelRunner
     from slaq.gpu_workers.engine.llm_engine import LLMEngine
@@ -79,7 +79,8 @@ def test_short_prefill_chunks_replay_the_graph_and_match_hf_in_fp32(tiny_model_p
         hf_greedy,
     )
 
-    config = engine_config(tiny_model_path, device="cuda", max_num_seqs=8)
+    # 16 seats: the second chunk (10 tokens) must fit the largest graph.
+    config = engine_config(tiny_model_path, device="cuda", max_num_seqs=16)
     runner = CudaGraphModelRunner(config)
     engine = LLMEngine(config, runner=runner)
     assert runner.graphs is not None
