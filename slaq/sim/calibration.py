@@ -11,6 +11,7 @@ has no click), so nothing here imports click; torch only inside the engine-build
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -59,14 +60,13 @@ def host_info(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {"device": device, "machine": platform.machine(),
                             "cpu_count": os.cpu_count(), "torch": torch.__version__,
                             "torch_threads": torch.get_num_threads()}
-    try:
+    # Not every OS has /proc/cpuinfo or a load average: the record is then without them.
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
         info["load_avg_1m"] = os.getloadavg()[0]
-    except OSError:
-        pass
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
