@@ -230,16 +230,17 @@ def graph_rows(scheduled: list[ScheduledSequence], block_size: int, max_rows: in
     row reads its whole context, so a step goes to the graph only while its prefill rows read
     at most ``max_context_reads`` context tokens in all, and it has at most ``max_rows`` rows.
     """
+    # Decide before building anything: a mixed step's decode rows come first, and building
+    # them only to meet a long chunk after them would be host time thrown away.
+    if sum(item.num_new_tokens for item in scheduled) > max_rows:
+        return None
+    reads = sum(item.num_new_tokens * (2 * item.start + item.num_new_tokens + 1) // 2
+                for item in scheduled if item.num_new_tokens > 1)
+    if reads > max_context_reads:
+        return None
     rows = GraphRows()
-    reads = 0
     for item in scheduled:
         seq, end = item.seq, item.start + item.num_new_tokens
-        if item.num_new_tokens > 1:
-            reads += item.num_new_tokens * (item.start + end + 1) // 2
-            if reads > max_context_reads:
-                return None
-        if len(rows.token_ids) + item.num_new_tokens > max_rows:
-            return None
         table = seq.block_table
         for pos in range(item.start, end):
             rows.token_ids.append(seq.token_id_at(pos))
