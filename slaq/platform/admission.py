@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 ONLINE_SERVICE_TIERS: tuple[str, ...] = ("auto", "default", "flex", "priority", "fast", "scale",
                                          "batch")
 
-TicketSender = Callable[[str, int, str], None]
+# (request_id, attempt, tier, message priority or None for the tier's own) -> None
+TicketSender = Callable[[str, int, str, int | None], None]
 
 
 class AdmissionError(Exception):
@@ -209,6 +210,9 @@ class AdmissionService:
     send_ticket: TicketSender
     # (tier, prompt tokens) -> the reprioritiser's verdict (slaq.platform.decisions.AdmissionCache.admit)
     admit: Callable[[str, int], AdmissionVerdict] | None = None
+    # (tier, prompt tokens) -> the ticket's message priority within its queue
+    # (slaq.platform.policy.ticket_priority under the policy's config); None: the tier's own.
+    ticket_priority: Callable[[str, int], int] | None = None
     clock: Callable[[], float] = field(default=time.time)
 
     def apply_load_state(self, tier: str, num_prompt_tokens: int) -> str:
@@ -289,8 +293,9 @@ class AdmissionService:
         tier_asked, tier = tier, self.apply_load_state(tier, len(ids))
         admitted = self._record(req, tenant, tier_asked, tier, ids, params, client_request_id,
                                 received)
+        priority = None if self.ticket_priority is None else self.ticket_priority(tier, len(ids))
         try:
-            self.send_ticket(admitted.request_id, admitted.attempt, tier)
+            self.send_ticket(admitted.request_id, admitted.attempt, tier, priority)
         except Exception as exc:
             log.exception("could not send the prefill ticket for %s", admitted.request_id)
             self._fail(admitted, f"ticket not sent: {exc}")

@@ -5,6 +5,8 @@ same function once per cycle and apply what it returns. What it does, each part 
 :class:`PolicyConfig` (``preset("fifo" | "static" | "slaq")``):
 
 * **gates** per (role, tier) on decode KV pressure with high/low watermarks (hysteresis);
+* **ticket order**: :func:`ticket_priority`, the message priority a new ticket gets within its
+  tier's queue (shortest prompt first, by length bucket, in ``length_ordered_tiers``);
 * **release** of ``flex``/``batch`` only into spare capacity (also with hysteresis);
 * **deadline aging**: queued requests whose TTFT slack is small get a ticket one tier up;
 * **routing** weights for decode workers from their KV pressure;
@@ -51,8 +53,11 @@ class PolicyConfig:
     enable_admission: bool = True
     enable_orphans: bool = True
     # (high, low) decode KV pressure watermarks per gated tier: close at >= high, open at <= low.
+    # Default's band is narrow: a wide one (it was 0.95 / 0.85) held default tickets while a
+    # tenth of the cluster's KV drained, and those waits were most of default's misses on
+    # Mooncake; priority's headroom comes from its queue order (``length_ordered_tiers``).
     watermarks: dict[str, tuple[float, float]] = field(default_factory=lambda: {
-        "default": (0.95, 0.85), "flex": (0.85, 0.70), "batch": (0.80, 0.65)})
+        "default": (0.98, 0.96), "flex": (0.85, 0.70), "batch": (0.80, 0.65)})
     # Release flex/batch once the queueing delay of priority and default falls under
     # open * their TTFT targets; hold them once it exceeds close * target.
     release_open: float = 0.3
@@ -72,6 +77,10 @@ class PolicyConfig:
     decode_capacity_tok_s: float = 8000.0
     planner_utilisation: float = 0.8
     routing_exponent: float = 2.0
+    # Tiers whose new tickets are ordered shortest prompt first within their queue (message
+    # priority by prompt-length bucket, see ticket_priority); others keep arrival order.
+    length_ordered_tiers: tuple[str, ...] = ("priority",)
+    length_bucket_tokens: int = 1024  # upper bound of the first bucket; each next one doubles
 
     def __post_init__(self) -> None:
         for tier, (high, low) in self.watermarks.items():
@@ -87,6 +96,10 @@ class PolicyConfig:
             raise ValueError("admission_share_factor must be >= 0")
         if not 0 < self.planner_utilisation <= 1:
             raise ValueError("planner_utilisation must be in (0, 1]")
+        if any(t not in TIER_NAMES for t in self.length_ordered_tiers):
+            raise ValueError(f"length_ordered_tiers must name tiers of {TIER_NAMES}")
+        if self.length_bucket_tokens < 1:
+            raise ValueError("length_bucket_tokens must be >= 1")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> PolicyConfig:
@@ -96,7 +109,7 @@ class PolicyConfig:
         if name in ("fifo", "static"):
             # No pressure signal: the platform's default router picks decode workers.
             off = dict(enable_gates=False, enable_release=False, enable_aging=False,
-                       enable_admission=False, enable_routing=False)
+                       enable_admission=False, enable_routing=False, length_ordered_tiers=())
             return cls(**{**off, **overrides})
         raise ValueError(f"unknown policy preset {name!r} (fifo, static, slaq)")
 
@@ -176,6 +189,28 @@ def choose_weighted(weights: dict[str, float] | MappingProxyType[str, float], u:
         if x < 0:
             return name
     return last
+
+
+def ticket_priority(tiers: TierTable, tier: str, num_prompt_tokens: int,
+                    config: PolicyConfig) -> int:
+    """Message priority (Redis-style, 0 first) of a new ticket on ``prefill.<tier>``.
+
+    In a length-ordered tier, shorter prompts go first: bucket 0 holds prompts of up to
+    ``length_bucket_tokens``, each next bucket twice as long, the last (8) everything longer.
+    Priority 9 (``AGED_PRIORITY``) stays for requests aged up from the tier below, behind the
+    tier's own. Why: a worker takes the head ticket only when its KV pool has room for it, so
+    a long prompt at the head holds every worker's pull until that much KV frees, while short
+    prompts behind it would fit (and are the ones a 1 s TTFT can still be met for). The
+    engine already prefills shortest first; this does it where the backlog waits. Other
+    tiers keep arrival order at the tier's ``queue_priority``.
+    """
+    if tier not in config.length_ordered_tiers:
+        return tiers[tier].queue_priority
+    bucket, bound = 0, config.length_bucket_tokens
+    while num_prompt_tokens > bound and bucket < AGED_PRIORITY - 1:
+        bucket += 1
+        bound *= 2
+    return bucket
 
 
 # ---- the policy ---------------------------------------------------------------------------

@@ -326,7 +326,8 @@ class Simulator:
         c[0] += 1
         c[1] += rec.num_prompt_tokens
         queue = FIFO_QUEUE if self.fifo else rec.tier_used
-        self._enqueue(i, queue, 0 if self.fifo else self.tiers[queue].queue_priority)
+        self._enqueue(i, queue, 0 if self.fifo else policy.ticket_priority(
+            self.tiers, queue, rec.num_prompt_tokens, self.policy_config))
         self._dispatch()
 
     def _enqueue(self, i: int, queue: str, priority: int) -> None:

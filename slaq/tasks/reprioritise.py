@@ -46,6 +46,7 @@ from slaq.platform.decisions import (
 )
 from slaq.platform.live_snapshot import BrokerDepths, LiveSnapshotSource
 from slaq.platform.policy import PolicyConfig, PolicyState, decide
+from slaq.platform.policy_env import policy_config_from_env
 from slaq.platform.settings import Settings
 from slaq.platform.snapshot import Action, Plan, Reticket, SetAdmission, SetRouting, Snapshot
 from slaq.platform.tiers import TIER_NAMES, TierTable
@@ -125,18 +126,6 @@ def load_state(client: redis.Redis) -> ReprioritiserState | None:
 
 def save_state(client: redis.Redis, state: ReprioritiserState) -> None:
     client.set(STATE_KEY, state.to_json())
-
-
-def policy_config_from_env(env: dict[str, str] | None = None) -> PolicyConfig:
-    """``SLAQ_POLICY`` (preset: ``slaq`` | ``static`` | ``fifo``) and ``SLAQ_POLICY_OVERRIDES``
-    (JSON of :class:`PolicyConfig` fields, e.g. ``{"orphan_timeout_s": 10}``)."""
-    env = dict(os.environ if env is None else env)
-    overrides = json.loads(env.get("SLAQ_POLICY_OVERRIDES") or "{}")
-    if not isinstance(overrides, dict):
-        raise ValueError("SLAQ_POLICY_OVERRIDES must be a JSON object")
-    if "watermarks" in overrides:
-        overrides["watermarks"] = {t: tuple(v) for t, v in overrides["watermarks"].items()}
-    return PolicyConfig.preset(env.get("SLAQ_POLICY") or "slaq", **overrides)
 
 
 # ---- one cycle ----------------------------------------------------------------------------

@@ -6,14 +6,17 @@ Views stay thin (validate, call a service, return); the services live in ``app.e
 Config keys: ``DATABASE_URL``, ``REDIS_URL`` (required), ``BROKER_URL`` (defaults to the Redis
 URL), ``MODEL`` (model-store name or path), ``MODELS_DIR``, ``MAX_MODEL_LEN`` (caps the model's
 own context length), ``TIERS_FILE``, ``STREAM_IDLE_TIMEOUT_S`` (default: the tier's deadline),
-``TICKET_SENDER`` (a ``(request_id, attempt, tier) -> None`` callable; default: Celery),
+``TICKET_SENDER`` (a ``(request_id, attempt, tier, priority) -> None`` callable, priority None
+for the tier's own; default: Celery),
 ``ADMISSION_TTL_S`` (how long the reprioritiser's admission state is cached; default 0.5 s),
-``REDIS_MAX_CONNECTIONS`` (default 2048), ``POLICY`` (``SLAQ_POLICY``: which queue tickets go to).
+``REDIS_MAX_CONNECTIONS`` (default 2048), ``POLICY`` (``SLAQ_POLICY``: which queue tickets go to
+and in what order, with ``POLICY_OVERRIDES``, JSON as ``SLAQ_POLICY_OVERRIDES``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,8 @@ from slaq.gpu_workers.engine.config import SchedulerConfig
 from slaq.platform.admission import AdmissionService, Admitted, ServedModel, TicketSender
 from slaq.platform.decisions import AdmissionCache
 from slaq.platform.keys import cancel_key
+from slaq.platform.policy import ticket_priority
+from slaq.platform.policy_env import policy_config_from_env
 from slaq.platform.settings import Settings
 from slaq.platform.tiers import TierTable
 
@@ -91,6 +96,8 @@ def config_from_settings(settings: Settings, database_url: str | None = None,
         "MODELS_DIR": str(settings.models_dir),
         "TIERS_FILE": settings.tiers_file,
         "POLICY": settings.policy,
+        # Beat reads the same variable (policy_config_from_env): one policy config for both.
+        "POLICY_OVERRIDES": os.environ.get("SLAQ_POLICY_OVERRIDES", ""),
     }
 
 
@@ -102,8 +109,8 @@ def _celery_sender(config: Mapping[str, Any], tiers: TierTable) -> TicketSender:
                                         broker_url=config.get("BROKER_URL"),
                                         policy=config.get("POLICY") or "slaq"))
 
-    def send(request_id: str, attempt: int, tier: str) -> None:
-        send_prefill_ticket(request_id, attempt, tier, app=celery, tiers=tiers)
+    def send(request_id: str, attempt: int, tier: str, priority: int | None = None) -> None:
+        send_prefill_ticket(request_id, attempt, tier, app=celery, tiers=tiers, priority=priority)
 
     return send
 
@@ -128,10 +135,19 @@ def _build_context(config: Mapping[str, Any]) -> WebContext:
                                   health_check_interval=30,
                                   max_connections=int(config.get("REDIS_MAX_CONNECTIONS", 2048)))
     admit = AdmissionCache(client, ttl_s=float(config.get("ADMISSION_TTL_S", 0.5))).admit
+    # The beat job's policy config: its ticket order (shortest priority prompts first) is
+    # applied here, where tickets are first sent.
+    policy = policy_config_from_env({
+        "SLAQ_POLICY": config.get("POLICY") or "slaq",
+        "SLAQ_POLICY_OVERRIDES": config.get("POLICY_OVERRIDES") or ""})
+
+    def priority_for(tier: str, num_prompt_tokens: int) -> int:
+        return ticket_priority(tiers, tier, num_prompt_tokens, policy)
+
     timeout = config.get("STREAM_IDLE_TIMEOUT_S")
     return WebContext(
         session_factory=sessions, redis=client, model=model, tiers=tiers,
-        admission=AdmissionService(sessions, model, tiers, sender, admit),
+        admission=AdmissionService(sessions, model, tiers, sender, admit, priority_for),
         stream_idle_timeout_s=float(timeout) if timeout is not None else None)
 
 

@@ -16,6 +16,7 @@ from slaq.platform.policy import (
     PolicyState,
     choose_weighted,
     decide,
+    ticket_priority,
 )
 from slaq.platform.pressure import Heartbeat
 from slaq.platform.snapshot import (
@@ -89,6 +90,43 @@ def test_gate_closes_at_high_watermark_and_reopens_only_below_low():
     actions, state = decide(snap(cluster(decode_used=60)), state, TIERS, cfg)
     assert {(a.tier, a.open) for a in of(actions, SetGate)} == {("batch", True)}
     assert state.is_open("prefill", "flex") and state.is_open("prefill", "batch")
+
+
+def test_default_gate_has_a_narrow_band_and_reopens_just_below_its_high_watermark():
+    cfg = only(gates=True)  # default (0.98, 0.96)
+
+    def both(used: int) -> tuple[Heartbeat, ...]:
+        return (hb("b0", "both", used), hb("b1", "both", used))
+
+    actions, state = decide(snap(both(97)), PolicyState(), TIERS, cfg)
+    assert ("both", "default") not in {(a.role, a.tier) for a in of(actions, SetGate)}
+    actions, state = decide(snap(both(98)), state, TIERS, cfg)
+    assert ("default", False) in {(a.tier, a.open) for a in of(actions, SetGate)}
+    actions, state = decide(snap(both(97)), state, TIERS, cfg)  # inside the band: held
+    assert not state.is_open("both", "default")
+    # Reopens at 0.96, not after a tenth of the KV has drained (the old 0.85 low mark).
+    actions, state = decide(snap(both(96)), state, TIERS, cfg)
+    assert ("default", True) in {(a.tier, a.open) for a in of(actions, SetGate)}
+    assert state.is_open("both", "default")
+
+
+def test_ticket_priority_orders_the_priority_queue_shortest_prompt_first():
+    cfg = PolicyConfig()  # priority length-ordered, first bucket 1024 tokens
+    got = [ticket_priority(TIERS, "priority", n, cfg)
+           for n in (1, 1024, 1025, 2048, 2049, 5000, 100_000, 10**7)]
+    assert got == [0, 0, 1, 1, 2, 3, 7, 8]
+    # Never 9: that stays for requests aged up from default, behind the tier's own.
+    assert max(got) < AGED_PRIORITY
+    # Other tiers keep arrival order at their queue priority, whatever the prompt.
+    for tier in ("default", "flex", "batch"):
+        assert {ticket_priority(TIERS, tier, n, cfg) for n in (1, 10**6)} == {
+            TIERS[tier].queue_priority}
+    cfg2 = PolicyConfig(length_ordered_tiers=("priority", "default"), length_bucket_tokens=100)
+    assert [ticket_priority(TIERS, "default", n, cfg2) for n in (100, 101, 401)] == [0, 1, 3]
+    # fifo and static have no ticket order of their own: the tier's priority for all.
+    for name in ("fifo", "static"):
+        assert ticket_priority(TIERS, "priority", 10**6, PolicyConfig.preset(name)) == (
+            TIERS["priority"].queue_priority)
 
 
 def test_priority_is_never_gated_and_aggregated_gates_act_on_both_workers():
@@ -355,3 +393,7 @@ def test_config_validation():
         PolicyConfig(aging_fraction=1.5)
     with pytest.raises(ValueError):
         PolicyConfig(admission_share_factor=-1.0)
+    with pytest.raises(ValueError):
+        PolicyConfig(length_ordered_tiers=("gold",))
+    with pytest.raises(ValueError):
+        PolicyConfig(length_bucket_tokens=0)

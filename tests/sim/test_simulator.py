@@ -184,3 +184,22 @@ def test_a_request_that_does_not_fit_the_budget_takes_nothing_from_it():
     assert sim.records[4].tier_used == "default"
     assert [takes_budget(150, n) for n in (150, 151)] == [True, False]
     assert takes_budget(None, 10**9, 1) and not takes_budget(10**6, 201, 200)
+
+
+def test_priority_tickets_are_taken_shortest_prompt_first_as_ticket_priority_orders_them():
+    # Arrival order: long, short, medium priority prompts, then a short default one.
+    reqs = tuple(TraceRequest(0.001 * i, n, 4, tier=t) for i, (n, t) in enumerate(
+        ((20_000, "priority"), (300, "priority"), (3_000, "priority"), (100, "default"))))
+    sim = Simulator(SimConfig(trace=Trace("order", reqs), policy="slaq", num_gpus=1,
+                              disaggregated=False))
+    w = sim.workers[0]
+    w.busy = True  # mid-step: the tickets wait in the queues
+    for i in range(4):
+        sim._on_arrival(i)
+    w.busy = False
+    taken = []  # popped as the worker would pull them (nothing added: its engine stays empty)
+    while (i := sim._take_ticket(w)) is not None:
+        taken.append(i)
+    # The priority queue by length bucket (policy.ticket_priority), then the default queue.
+    assert taken == [1, 2, 0, 3]
+

@@ -103,7 +103,7 @@ def test_queue_down_fails_the_row_and_answers_503(web_config, api_keys, tiny_mod
     from slaq.platform.models import RequestRow
     from slaq.web import create_app
 
-    def broken_sender(request_id: str, attempt: int, tier: str) -> None:
+    def broken_sender(request_id: str, attempt: int, tier: str, priority: int | None) -> None:
         raise ConnectionError("broker unreachable")
 
     server = web.start_server(create_app({**web_config, "TICKET_SENDER": broken_sender}))
@@ -121,3 +121,42 @@ def test_queue_down_fails_the_row_and_answers_503(web_config, api_keys, tiny_mod
         row = s.scalars(select(RequestRow).where(
             RequestRow.client_request_id == "queue-down-1")).one()
         assert row.state == "failed" and "broker unreachable" in row.error
+
+
+def test_priority_tickets_are_ordered_by_prompt_length(web_config, api_keys, tiny_model_path,
+                                                       web):
+    """The API sends each ticket at the policy's message priority: priority-tier prompts by
+    length bucket (here 8, 16, 32 ... tokens, through POLICY_OVERRIDES as beat reads them),
+    other tiers at their own queue priority; under ``static`` the tier's own for everyone."""
+    from slaq.platform.tiers import DEFAULT_TIERS
+    from slaq.web import create_app
+
+    def post(server, tier: str, words: int) -> None:
+        messages = [{"role": "user", "content": " ".join(["Paris"] * words)}]
+        resp = httpx.post(server.base_url + "/v1/chat/completions", timeout=30,
+                          headers={"Authorization": f"Bearer {api_keys.full}"},
+                          json={"model": tiny_model_path.name, "messages": messages,
+                                "max_tokens": 1, "service_tier": tier})
+        assert resp.status_code == 503  # the recording sender fails every ticket
+
+    sent: dict[str, list[tuple[str, int | None]]] = {}
+    for policy in ("slaq", "static"):
+        got = sent.setdefault(policy, [])
+
+        def record(request_id, attempt, tier, priority, got=got):
+            got.append((tier, priority))
+            raise ConnectionError("recorded")  # fails the row at once: no worker needed
+
+        config = {**web_config, "TICKET_SENDER": record, "POLICY": policy,
+                  "POLICY_OVERRIDES": '{"length_bucket_tokens": 8}'}
+        server = web.start_server(create_app(config))
+        try:
+            for tier, words in (("priority", 1), ("priority", 40), ("default", 1)):
+                post(server, tier, words)
+        finally:
+            server.stop()
+    [(_, short), (_, long_), (_, default)] = sent["slaq"]
+    assert short is not None and long_ is not None and short < long_ <= 8
+    assert default == DEFAULT_TIERS["default"].queue_priority
+    assert [p for _, p in sent["static"]] == [DEFAULT_TIERS["priority"].queue_priority] * 2 + [
+        DEFAULT_TIERS["default"].queue_priority]
