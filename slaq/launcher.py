@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import redis
 from rich.console import Console
 
+from slaq.child_process import Proc
 from slaq.platform.settings import Settings
 
 READY_TIMEOUT_S = 600.0
@@ -38,15 +38,6 @@ class LaunchPlan:
             raise ValueError("need at least one prefill and one decode worker")
 
 
-@dataclass(slots=True)
-class Child:
-    name: str
-    argv: list[str]
-    log_path: Path
-    proc: subprocess.Popen | None = None
-    log_file: object | None = field(default=None, repr=False)
-
-
 class Launcher:
     """Runs the whole stack in the foreground until interrupted."""
 
@@ -54,7 +45,7 @@ class Launcher:
         self.settings = settings
         self.plan = plan
         self.console = Console()
-        self.children: list[Child] = []
+        self.children: list[Proc] = []
         self._stopping = False
 
     # -- set-up -------------------------------------------------------------------------
@@ -86,13 +77,13 @@ class Launcher:
         )
         return env
 
-    def _plan_children(self) -> list[Child]:
+    def _plan_children(self) -> list[Proc]:
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         slaq = [sys.executable, "-m", "slaq.cli"]
         p = self.plan
-        children = [Child("api", [*slaq, "api", "--host", p.host, "--port", str(p.port)],
-                          logs / "api.log")]
+        children = [Proc("api", [*slaq, "api", "--host", p.host, "--port", str(p.port)],
+                         logs / "api.log")]
         if p.aggregated:
             roles = [("both", i) for i in range(p.num_prefill_workers)]
         else:
@@ -100,25 +91,24 @@ class Launcher:
             roles += [("decode", i) for i in range(p.num_decode_workers)]
         for role, i in roles:
             name = f"{role}-{i}"
-            children.append(Child(name, [*slaq, "worker", "--role", role, "--device", p.device,
-                                         "--name", name], logs / f"{name}.log"))
+            children.append(Proc(name, [*slaq, "worker", "--role", role, "--device", p.device,
+                                        "--name", name], logs / f"{name}.log"))
         # Beat is the last to start: a reprioritiser cycle that runs before any worker's
         # heartbeat sees no prefill capacity and would hold back the first requests.
-        children.append(Child("beat", [*slaq, "beat"], logs / "beat.log"))
+        children.append(Proc("beat", [*slaq, "beat"], logs / "beat.log"))
         return children
 
     def _spawn(self, env: dict[str, str], names: set[str]) -> None:
         for child in self.children:
             if child.name not in names:
                 continue
-            child.log_file = open(child.log_path, "ab")  # noqa: SIM115 - closed in _stop_children
-            child.proc = subprocess.Popen(child.argv, env=env, stdout=child.log_file,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-            self.console.print(f"started {child.name:<10} pid {child.proc.pid}  log {child.log_path}")
+            child.start(env)
+            assert child.popen is not None
+            self.console.print(f"started {child.name:<10} pid {child.popen.pid}  log {child.log_path}")
 
     # -- readiness ----------------------------------------------------------------------
-    def _dead_child(self) -> Child | None:
-        return next((c for c in self.children if c.proc and c.proc.poll() is not None), None)
+    def _dead_child(self) -> Proc | None:
+        return next((c for c in self.children if c.popen is not None and not c.alive()), None)
 
     def _wait_ready(self, services) -> bool:
         from slaq.platform.keys import heartbeat_key
@@ -159,11 +149,11 @@ class Launcher:
             time.sleep(0.2)
         return False
 
-    def _report_death(self, child: Child) -> None:
-        self.console.print(f"[red]{child.name} exited with {child.proc.returncode}[/]; "
+    def _report_death(self, child: Proc) -> None:
+        assert child.popen is not None
+        self.console.print(f"[red]{child.name} exited with {child.popen.returncode}[/]; "
                            f"last lines of {child.log_path}:")
-        tail = child.log_path.read_text(errors="replace").splitlines()[-30:]
-        self.console.print("\n".join(tail), markup=False, highlight=False)
+        self.console.print(child.tail(30), markup=False, highlight=False)
 
     # -- run / stop ---------------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
@@ -209,12 +199,4 @@ class Launcher:
 
     def _stop_children(self) -> None:
         for child in self.children:  # API first, then workers, then beat
-            if child.proc and child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-                try:
-                    child.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    child.proc.kill()
-                    child.proc.wait()
-            if child.log_file is not None:
-                child.log_file.close()
+            child.stop(timeout_s=15)

@@ -15,13 +15,11 @@ enter the ledger), or lost.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -33,6 +31,7 @@ import httpx
 import redis
 
 from slaq.bench.serve import FINISHED, REFUSED, ReplayResult
+from slaq.child_process import Proc
 from slaq.platform.settings import POLICIES
 from slaq.platform.tiers import TIER_NAMES
 
@@ -95,57 +94,6 @@ class StackConfig:
         num_prefill = self.num_prefill or self.num_workers // 2
         return [(f"{self.name}-p{i}", "prefill") for i in range(num_prefill)] + [
             (f"{self.name}-d{i}", "decode") for i in range(self.num_workers - num_prefill)]
-
-
-def _renice(increment: int):
-    def apply() -> None:
-        with contextlib.suppress(PermissionError):  # not privileged: default priority
-            os.nice(increment)
-
-    return apply
-
-
-@dataclass(slots=True)
-class Proc:
-    name: str
-    argv: list[str]
-    log_path: Path
-    popen: subprocess.Popen | None = None
-    nice: int = 0
-
-    def start(self, env: dict[str, str]) -> None:
-        with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(self.argv, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True,
-                                          preexec_fn=_renice(self.nice) if self.nice else None)
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def terminate(self) -> None:
-        """Ask it to stop (SIGTERM: Celery's warm shutdown, gunicorn's graceful one)."""
-        if self.alive():
-            assert self.popen is not None
-            self.popen.send_signal(signal.SIGTERM)
-
-    def wait_or_kill(self, timeout_s: float = 15.0) -> None:
-        if self.popen is None:
-            return
-        try:
-            self.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        self.terminate()
-        self.wait_or_kill(timeout_s)
-
-    def tail(self, num_lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
-        except OSError:
-            return ""
 
 
 class Stack:

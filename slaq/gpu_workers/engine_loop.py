@@ -284,25 +284,25 @@ class EngineLoop:
     def _admit_one_behind(self) -> bool:
         """Admit the first waiting request after the head that fits now; whether one did."""
         for pending in list(self._pending)[1:]:
-            handle = self._handles.get(pending.request_id)
-            if handle is None:
+            if pending.request_id not in self._handles:
                 continue  # aborted: dropped when it reaches the head
             try:
                 pending.add(self.engine)
             except NoRoomError:
                 continue
             except Exception as exc:  # noqa: BLE001 - belongs to that request only
-                self._pending.remove(pending)
-                del self._handles[pending.request_id]
-                self.engine.release_prefix(pending.request_id)
-                handle._put(exc)
+                self._drop(pending, exc)
                 continue
             self._pending.remove(pending)
             return True
         return False
 
     def _drop_head(self, exc: BaseException) -> None:
-        pending = self._pending.popleft()
+        self._drop(self._pending[0], exc)
+
+    def _drop(self, pending: _Pending, exc: BaseException) -> None:
+        """Fail a waiting request: out of the queue, its pins given back, ``exc`` to its caller."""
+        self._pending.remove(pending)
         handle = self._handles.pop(pending.request_id)
         self.engine.release_prefix(pending.request_id)
         handle._put(exc)

@@ -321,6 +321,7 @@ class WorkerService:
         if puller is None:
             raise TransferError(f"this worker cannot pull over {lease.transport!r}")
         reused = self._reserve(eid, item, lease)
+        pulled = False  # until then, any way out gives the pins back
         try:
             part = lease.tail(reused, self.loop.engine.config.cache.block_size)
             try:
@@ -328,17 +329,16 @@ class WorkerService:
             except TransferError:
                 log.warning("pull of %s from %s failed; re-prefilling", item.request_id,
                             lease.prefill_worker, exc_info=True)
-                self._unpin(eid)
                 self.leases.release(item.request_id)
                 return None
             # Deleting the lease is what lets the owner free the blocks. If it had expired
             # meanwhile, the owner may have reused them during our copy: discard it.
             if not self.leases.release(item.request_id):
-                self._unpin(eid)
                 return None
-        except BaseException:
-            self._unpin(eid)
-            raise
+            pulled = True
+        finally:
+            if not pulled:
+                self._unpin(eid)
         return kv, lease, reused
 
     def _reserve(self, eid: str, item: WorkItem, lease: Lease) -> int:

@@ -29,6 +29,7 @@ import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from slaq.platform.policy import choose_weighted
 from slaq.platform.pressure import Heartbeat
 
 
@@ -123,19 +124,10 @@ def choose_affine_worker(weights: Mapping[str, float], heartbeats: Iterable[Hear
     if len(best) == 1:
         return AffinityChoice(best[0].worker, best_depth)
     if weighted:
-        return AffinityChoice(_weighted([(hb.worker, weights[hb.worker]) for hb in best], u),
-                              best_depth)
+        chosen = choose_weighted({hb.worker: weights[hb.worker] for hb in best}, u)
+        assert chosen is not None  # every candidate has a positive weight
+        return AffinityChoice(chosen, best_depth)
     low = min(h.pressure for h in best)
     calm = sorted(h.worker for h in best if h.pressure == low)
     return AffinityChoice(calm[min(int(u * len(calm)), len(calm) - 1)], best_depth)
 
-
-def _weighted(items: list[tuple[str, float]], u: float) -> str:
-    items = sorted(items)  # a stable order: the same u picks the same worker
-    total = sum(w for _, w in items)
-    x = min(max(u, 0.0), 1.0) * total
-    for name, w in items:
-        x -= w
-        if x < 0:
-            return name
-    return items[-1][0]

@@ -33,7 +33,9 @@ heartbeat (prefix-affinity routing).
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
+from itertools import islice
 
 from slaq.gpu_workers.engine.sequence import Sequence
 
@@ -44,23 +46,22 @@ ROOT_HASH = 0x5D1A0  # parent hash of a sequence's first block
 PREFIX_SUMMARY_SIZE = 128
 
 
-def block_hashes(token_ids: Seq[int], block_size: int, num_blocks: int | None = None) -> list[int]:
-    """Chain hashes of the first ``num_blocks`` full blocks of ``token_ids`` (default: all).
-
-    The values :class:`BlockManager` registers cached blocks under, for the same block size:
-    ``hashes[i]`` stands for the whole prefix ``token_ids[: (i + 1) * block_size]``.
-    """
+def iter_block_hashes(token_ids: Seq[int], block_size: int) -> Iterator[int]:
+    """Chain hashes of the full blocks of ``token_ids``, lazily (a lookup that misses early in a
+    long prompt stops the hashing there). The values :class:`BlockManager` registers cached
+    blocks under, for the same block size: the ``i``-th stands for the whole prefix
+    ``token_ids[: (i + 1) * block_size]``."""
     if block_size < 1:
         raise ValueError("block_size must be >= 1")
-    n = len(token_ids) // block_size
-    if num_blocks is not None:
-        n = min(n, num_blocks)
-    out: list[int] = []
     parent = ROOT_HASH
-    for i in range(n):
+    for i in range(len(token_ids) // block_size):
         parent = hash((parent, tuple(token_ids[i * block_size:(i + 1) * block_size])))
-        out.append(parent)
-    return out
+        yield parent
+
+
+def block_hashes(token_ids: Seq[int], block_size: int, num_blocks: int | None = None) -> list[int]:
+    """The first ``num_blocks`` (default: all) of :func:`iter_block_hashes`."""
+    return list(islice(iter_block_hashes(token_ids, block_size), num_blocks))
 
 
 def summary_depths(num_blocks: int, num_prompt_blocks: int) -> list[int]:
@@ -238,13 +239,10 @@ class BlockManager:
             raise ValueError(f"{key!r} already holds or pins blocks")
         if not self.enable_prefix_caching:
             return 0
-        bs, lookup = self.block_size, self._hash_to_block.get
+        lookup = self._hash_to_block.get
         pinned: list[int] = []
-        parent = ROOT_HASH
-        # Hash block by block: a miss early in a long prompt stops the work there.
-        for i in range(len(token_ids) // bs):
-            parent = hash((parent, tuple(token_ids[i * bs:(i + 1) * bs])))
-            block = lookup(parent)
+        for h in iter_block_hashes(token_ids, self.block_size):
+            block = lookup(h)
             if block is None:
                 break
             pinned.append(block)

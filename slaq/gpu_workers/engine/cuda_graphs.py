@@ -156,7 +156,11 @@ class CudaGraphModelRunner(ModelRunner):
         if self.device.type != "cuda":
             raise ValueError("CudaGraphModelRunner needs a CUDA device")
         self.backend = TritonPagedBackend()
-        self._max_reads: int | None = None
+        # Context tokens a step's prefill rows may read in the decode graph (graph_rows): as
+        # many as make up half the weights' bytes in KV.
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.max_graph_context_reads = int(weight_bytes / 2
+                                           / (self.bytes_per_block / self.block_size))
         self.graphs: DecodeGraphs | None = None
         if config.use_cuda_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size,
@@ -175,15 +179,6 @@ class CudaGraphModelRunner(ModelRunner):
         if rows is None:
             return super().execute(out, overlap)
         return self._execute_rows(rows, overlap)
-
-    @property
-    def max_graph_context_reads(self) -> int:
-        """Context tokens a step's prefill rows may read in the decode graph (see
-        :func:`graph_rows`): as many as make up half the weights' bytes in KV."""
-        if self._max_reads is None:
-            weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            self._max_reads = int(weight_bytes / 2 / (self.bytes_per_block / self.block_size))
-        return self._max_reads
 
     def _execute_rows(self, rows: GraphRows, overlap: Callable[[], None] | None) -> RunnerOutput:
         assert self.graphs is not None

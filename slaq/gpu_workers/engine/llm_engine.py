@@ -297,9 +297,11 @@ class LLMEngine:
         # First tokens are not held back a step: time to first token is what tiers promise
         # (and a prefill-only request's hand-off starts from it). The rest waits for the
         # next step's forward.
-        first = [i for i in out.scheduled if i.sample and i.seq.num_output_tokens == 1]
+        first: list[ScheduledSequence] = []
+        rest: list[ScheduledSequence] = []
+        for item in out.scheduled:
+            (first if item.sample and item.seq.num_output_tokens == 1 else rest).append(item)
         if first:
-            rest = [i for i in out.scheduled if not (i.sample and i.seq.num_output_tokens == 1)]
             ready += self._build_outputs(_StepResult(first, runner_out, [], stopped), set())
             self._pending = (_StepResult(rest, runner_out, finished, stopped)
                              if rest or finished else None)
