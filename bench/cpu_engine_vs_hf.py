@@ -39,6 +39,23 @@ def _run_gather(engine, prompts: list[list[int]], new_tokens: int) -> dict:
         engine.runner.decode_kv = saved
 
 
+def _unpacked(engine) -> None:
+    """Put plain ``nn.Linear`` layers back (the weights stay shared): our engine as it ran
+    before the MKL-packed decode matmuls, for a same-run comparison."""
+    from torch import nn
+
+    from slaq.gpu_workers.engine.models.cpu_linear import PackedLinear
+
+    model = engine.runner.model
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, PackedLinear):
+            plain = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                              device="meta")
+            plain.weight, plain.bias = mod.weight, mod.bias
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, plain)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
@@ -50,6 +67,9 @@ def main() -> None:
     ap.add_argument("--with-gather", action="store_true",
                     help="also run our engine with the CPU decode K/V copy off (the gather "
                          "path it replaced), in the same rounds")
+    ap.add_argument("--with-unpacked", action="store_true",
+                    help="also run our engine with plain (not MKL-packed) linears, in the same "
+                         "rounds")
     args = ap.parse_args()
     lo, _, hi = args.prompt_len.partition(":")
     cfg = EngineBenchConfig(model=resolve_model(args.model), batch_sizes=(args.batch,),
@@ -58,6 +78,11 @@ def main() -> None:
     hf_model = load_hf(cfg)
     engine = build_engine(cfg, "eager", args.batch, _num_blocks(cfg))
     prompts = _prompts(cfg, args.batch, engine.model_config.vocab_size, cfg.seed + args.batch)
+    plain = None
+    if args.with_unpacked:
+        plain = build_engine(cfg, "eager", args.batch, _num_blocks(cfg))
+        _unpacked(plain)
+        run_ours(plain, prompts[:2], 4, "cpu")
     run_hf(hf_model, prompts[:2], 2, "cpu")  # warm up both
     run_ours(engine, prompts[:2], 4, "cpu")
     rounds = []
@@ -68,6 +93,7 @@ def main() -> None:
             res[side] = (run_hf(hf_model, prompts, cfg.new_tokens, "cpu") if side == "hf"
                          else run_ours(engine, prompts, cfg.new_tokens, "cpu"))
         gather = _run_gather(engine, prompts, cfg.new_tokens) if args.with_gather else None
+        unpacked = run_ours(plain, prompts, cfg.new_tokens, "cpu") if plain else None
         rounds.append({
             "order": list(order),
             "hf_tok_per_s": res["hf"]["output_tok_per_s"],
@@ -85,6 +111,12 @@ def main() -> None:
             rounds[-1]["ours_gather_speedup_vs_hf"] = round(
                 gather["output_tok_per_s"] / res["hf"]["output_tok_per_s"], 2)
             rounds[-1]["ours_gather_parity"] = parity(gather["tokens"], res["hf"]["tokens"])
+        if unpacked is not None:
+            rounds[-1]["ours_unpacked_tok_per_s"] = unpacked["output_tok_per_s"]
+            rounds[-1]["ours_unpacked_decode_tok_per_s"] = unpacked["decode_tok_per_s"]
+            rounds[-1]["ours_unpacked_speedup_vs_hf"] = round(
+                unpacked["output_tok_per_s"] / res["hf"]["output_tok_per_s"], 2)
+            rounds[-1]["ours_unpacked_parity"] = parity(unpacked["tokens"], res["hf"]["tokens"])
         print(json.dumps(rounds[-1]), flush=True)
     result = {
         "bench": "cpu_engine_vs_hf", "torch": torch.__version__,

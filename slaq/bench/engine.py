@@ -53,9 +53,19 @@ class EngineBenchConfig:
     prefill_len: int = 2048
     runners: tuple[str, ...] = ("eager",)
     hf: bool = True
-    max_num_batched_tokens: int = 8192
+    # None: 8192 on CUDA; the engine's own default on CPU, where a 2048-token step ran the
+    # same prefill about 10% faster than an 8192-token one (its temporaries stay cached).
+    max_num_batched_tokens: int | None = None
     block_size: int = 16
     seed: int = 0
+
+    @property
+    def token_budget(self) -> int:
+        from slaq.gpu_workers.engine.config import SchedulerConfig
+
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 8192 if self.device.startswith("cuda") else SchedulerConfig().max_num_batched_tokens
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -144,7 +154,7 @@ def build_engine(cfg: EngineBenchConfig, runner: str, max_num_seqs: int, num_blo
     config = EngineConfig(
         model=cfg.model, device=cfg.device, dtype=cfg.dtype,
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                  max_num_batched_tokens=cfg.token_budget,
                                   max_model_len=max_len),
         cache=CacheConfig(block_size=cfg.block_size, num_blocks=num_blocks,
                           enable_prefix_caching=False),

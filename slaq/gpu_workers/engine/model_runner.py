@@ -23,6 +23,7 @@ from slaq.gpu_workers.engine.decode_cache import DecodeKVCache
 from slaq.gpu_workers.engine.kv_pool import allocate_pool, open_shm_pool, unlink_shm_pool
 from slaq.gpu_workers.engine.loader import load_model, load_model_config, torch_dtype
 from slaq.gpu_workers.engine.models import ModelConfig
+from slaq.gpu_workers.engine.models.cpu_linear import pack_linears, packed_row_sizes
 from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from slaq.gpu_workers.engine.sampler import Sampler, SampleRequest
 
@@ -53,6 +54,9 @@ class ModelRunner:
         self.max_model_len = config.scheduler.max_model_len
         self.model = load_model(config.model, self.model_config, self.device, self.dtype)
         self.model.rotary.build(self.max_model_len, self.device, self.dtype)
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            # Decode-sized matmuls ~1.8x faster with the weights packed once (cpu_linear).
+            pack_linears(self.model, packed_row_sizes(config.scheduler.max_num_seqs))
         self.backend = get_attention_backend(self.device)
         self.sampler = Sampler(self.device)
         self.num_blocks = config.cache.num_blocks or self._blocks_from_memory()
@@ -153,6 +157,11 @@ class ModelRunner:
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         dkv = self.decode_kv
+        if dkv is not None:
+            # Longest context first, so that the dense decode attention can cut the batch into
+            # groups that read keys only up to their own longest row. The order survives a
+            # step (every context grows by one), so the dense copy keeps appending.
+            decodes.sort(key=lambda s: (-s.start, s.seq.request_id))
         if dkv is not None and any(dkv.touches(s.seq) for s in prefills):
             dkv.invalidate()  # its KV is being recomputed: the copy may not follow it
         bs = self.block_size

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+from itertools import pairwise
 
+import torch
+import torch.nn.functional as F
+
+from slaq.gpu_workers.engine.attention import dense_decode_attention
 from slaq.gpu_workers.engine.config import SamplingParams
-from slaq.gpu_workers.engine.decode_cache import DecodeKVCache
+from slaq.gpu_workers.engine.decode_cache import DecodeKVCache, length_groups
 from slaq.gpu_workers.engine.model_runner import ModelRunner
 from slaq.gpu_workers.engine.outputs import ScheduledSequence, SchedulerOutput
 from slaq.gpu_workers.engine.sequence import Sequence
@@ -78,3 +82,65 @@ def test_appends_match_a_fresh_gather():
                 assert torch.equal(kc[b, :, :n], ref[0]) and torch.equal(vc[b, :, :n], ref[1])
     assert cache.num_rebuilds == 1
     assert not cache.plan([object()], [10 ** 6])  # over the byte budget: caller gathers
+
+
+def test_length_groups_cut_sorted_rows_where_it_pays():
+    lens = [500, 480, 470, 120, 100, 90, 80]
+    groups = length_groups(lens)
+    assert [g[:2] for g in groups] == [(0, 3), (3, 7)]
+    assert [g[2] for g in groups] == [500, 120]  # each group reads up to its own longest row
+    # Close lengths: one more group would cost more than the padding it saves.
+    assert length_groups([300, 290, 280, 270]) == [(0, 4, 300)]
+    # Not sorted longest first: one group (a cut would not be contiguous rows).
+    assert length_groups([100, 500, 90]) == [(0, 3, 500)]
+    for n in (1, 5, 33):
+        lens = sorted(range(64, 64 + 17 * n, 17), reverse=True)
+        groups = length_groups(lens)
+        assert groups[0][0] == 0 and groups[-1][1] == n  # contiguous cover of every row
+        assert all(a[1] == b[0] for a, b in pairwise(groups))
+        assert all(m == lens[start] for start, _, m in groups)
+
+
+def test_keys_past_a_row_end_are_finite_though_the_buffer_is_not_zeroed():
+    """Masked-off keys are read with weight 0: they must never be NaN/inf garbage, however
+    far the window grows past what the last rebuild gathered."""
+    layers, kvh, d, bs = 1, 1, 4, 4
+    pool = torch.randn(layers, 2, 8, bs, kvh, d)
+    cache = DecodeKVCache(layers, kvh, d, torch.float32, torch.device("cpu"), 1 << 20)
+    seqs, tables = [object(), object()], torch.tensor([[1, 2, 3, 4], [5, 0, 0, 0]])
+    lens = [6, 2]
+    for step in range(8):
+        assert cache.plan(seqs, lens)
+        if step == 0:
+            cache.buf.fill_(float("nan"))  # what uninitialised memory may hold
+        slots = [int(tables[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(lens)]
+        flat = pool[0].view(2, -1, kvh, d)
+        width = -(-max(lens) // bs)  # the runner pads tables to the longest row's blocks
+        kc, vc = cache.layer_kv(0, pool[0], tables[:, :width], flat[0, slots], flat[1, slots],
+                                bs)
+        assert kc.shape[2] == max(lens)
+        assert torch.isfinite(kc).all() and torch.isfinite(vc).all()
+        q = torch.randn(2, kvh, d)
+        out = dense_decode_attention(q, kc, vc, cache.bias, d ** -0.5)
+        assert torch.isfinite(out).all()
+        lens = [n + 1 for n in lens]
+    assert cache.num_rebuilds == 1
+    assert max(lens) - 1 > 2 * bs  # the window grew well past the 8 columns rebuilt at first
+
+
+def test_grouped_attention_equals_one_group():
+    torch.manual_seed(2)
+    b, kvh, g, d, s = 6, 2, 3, 8, 40
+    lens = torch.tensor([40, 37, 30, 12, 9, 3])
+    k, v = torch.randn(b, kvh, s, d), torch.randn(b, kvh, s, d)
+    q = torch.randn(b, kvh * g, d)
+    bias = torch.zeros(b, 1, 1, s).masked_fill_(
+        (torch.arange(s)[None, :] >= lens[:, None])[:, None, None, :], float("-inf"))
+    whole = dense_decode_attention(q, k, v, bias, 0.3)
+    ref = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=bias, scale=0.3,
+                                         enable_gqa=True).squeeze(2)
+    torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-6)
+    for start, end, n in length_groups(lens.tolist()):
+        part = dense_decode_attention(q[start:end], k[start:end, :, :n], v[start:end, :, :n],
+                                      bias[start:end, ..., :n], 0.3)
+        torch.testing.assert_close(part, whole[start:end], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,99 @@
+"""fp32 linear layers with MKL-prepacked weights, for the CPU decode step.
+
+A decode step multiplies a handful of rows (one per running sequence) by every weight
+matrix. MKL's ``sgemm`` re-packs the weight into its blocked layout on every call, and at 32
+rows that packing costs about as much as the arithmetic: a 576x3072 projection took 0.81 ms
+through ``F.linear`` and 0.46 ms with the weight packed once (``cblas_sgemm_pack``, exposed as
+``torch.ops.mkl._mkl_reorder_linear_weight`` / ``_mkl_linear``, what Inductor uses when it
+freezes a CPU model), with bitwise-equal results in that measurement.
+
+The packed kernel runs only for the exact row count it was packed for, so each layer keeps one
+packing per size in ``row_sizes`` and pads a decode batch up to the nearest one; anything
+larger (prefill chunks) goes through ``F.linear`` as before. Each packing takes about 1.2x the
+weight's bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def mkl_packing_available() -> bool:
+    """True where torch was built with MKL and exposes the packed-sgemm ops (x86 builds)."""
+    return (torch.backends.mkl.is_available()
+            and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+            and hasattr(torch.ops.mkl, "_mkl_linear"))
+
+
+def packed_row_sizes(max_num_seqs: int, largest: int = 64) -> tuple[int, ...]:
+    """Row counts to pack for: 8 (small batches) and the power of two that holds a full
+    decode batch, at most ``largest`` (bigger batches fall back to ``F.linear``)."""
+    full = 1
+    while full < min(max_num_seqs, largest):
+        full *= 2
+    return tuple(sorted({min(8, full), full}))
+
+
+class PackedLinear(nn.Module):
+    """``F.linear`` with the weight also packed for each row count in ``row_sizes``.
+
+    Shares the wrapped layer's parameters (a tied ``lm_head`` stays tied); the packings are
+    copies, so the weights must not change afterwards (they are frozen for inference).
+    """
+
+    def __init__(self, linear: nn.Linear, row_sizes: tuple[int, ...]) -> None:
+        super().__init__()
+        if not row_sizes or min(row_sizes) < 1:
+            raise ValueError("row_sizes must be positive")
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.row_sizes = tuple(sorted(row_sizes))
+        w = self.weight.detach()
+        assert w.dtype == torch.float32 and w.device.type == "cpu", "MKL packs fp32 CPU weights"
+        self._packed = {m: torch.ops.mkl._mkl_reorder_linear_weight(w, m)
+                        for m in self.row_sizes}
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        size = next((m for m in self.row_sizes if m >= rows), None)
+        if x.dim() != 2 or size is None:
+            return F.linear(x, self.weight, self.bias)
+        if size != rows:
+            padded = x.new_zeros(size, x.shape[1])
+            padded[:rows] = x
+            x = padded
+        out = torch.ops.mkl._mkl_linear(x.contiguous(), self._packed[size], self.weight,
+                                        self.bias, size)
+        return out[:rows]
+
+
+def pack_linears(model: nn.Module, row_sizes: tuple[int, ...]) -> int:
+    """Replace every ``nn.Linear`` in ``model`` by a :class:`PackedLinear`; returns how many.
+
+    Does nothing (returns 0) where MKL packing is unavailable or the weights are not fp32 on
+    CPU: the plain layers are correct everywhere, only slower at decode."""
+    if not mkl_packing_available():
+        log.info("MKL packed sgemm unavailable: CPU linears stay unpacked")
+        return 0
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and mod.weight.dtype == torch.float32
+               and mod.weight.device.type == "cpu"]
+    for name, mod in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, PackedLinear(mod, row_sizes))
+    return len(targets)
