@@ -12,8 +12,8 @@ outgrows the buffer) triggers one gather from the pool, which stays the source o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from itertools import pairwise
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -24,6 +24,8 @@ from slaq.gpu_workers.engine.kv_pool import gather_blocks
 GROWTH_TOKENS = 256
 ALIGN_TOKENS = 64
 MIN_ROWS = 8
+
+T = TypeVar("T")
 
 
 class DecodeKVCache:
@@ -37,14 +39,15 @@ class DecodeKVCache:
         self.buf: torch.Tensor | None = None  # [L, 2, rows, KVH, capacity, D]
         self._seqs: list[object] = []  # the last decode step's sequences, in batch order
         self._lens: list[int] = []  # and their context lengths then
-        self.rebuild = True  # this step gathers from the pool instead of appending
+        self.num_kept = 0  # rows [0, num_kept) are appended to; the rest are gathered
         self._written = 0  # columns [0, _written) of rows [0, num_rows) hold finite values
         self.num_rows = 0
         self.max_len = 0
         self.append_index: torch.Tensor | None = None  # long [B * KVH] into the flat rows
         # float [B, 1, 1, max_len]: 0 where a key is in the row's context, -inf past its end
         self.bias: torch.Tensor | None = None
-        self.num_rebuilds = 0
+        self.num_rebuilds = 0  # steps that gathered every row
+        self.num_extends = 0  # steps that appended to some rows and gathered newcomers
         # (first row, end row, keys to read): rows sorted longest first, cut where reading a
         # group only up to its own longest row saves more than a group's fixed cost
         self.groups: list[tuple[int, int, int]] = []
@@ -56,14 +59,35 @@ class DecodeKVCache:
     def touches(self, seq: object) -> bool:
         return any(s is seq for s in self._seqs)
 
+    def arrange(self, items: list[T], seq: Callable[[T], object],
+                context_len: Callable[[T], int], order: Callable[[T], Any]) -> list[T]:
+        """The batch order for the next decode step of ``items``.
+
+        When every row this copy holds continues (one token longer), those rows keep their
+        places and the newcomers follow, ordered by ``order``: the step appends to the kept
+        rows and gathers only the new ones. Otherwise all rows are ordered by ``order`` (the
+        step rebuilds)."""
+        by_seq = {id(seq(it)): it for it in items}
+        kept = [by_seq.get(id(s)) for s in self._seqs]
+        if not kept or any(it is None or context_len(it) != n + 1
+                           for it, n in zip(kept, self._lens, strict=True)):
+            return sorted(items, key=order)
+        held = {id(s) for s in self._seqs}
+        return [*kept, *sorted((it for it in items if id(seq(it)) not in held), key=order)]
+
     def plan(self, seqs: Sequence[object], context_lens: Sequence[int]) -> bool:
         """Get ready for a decode step of ``seqs`` (in batch order) at ``context_lens``.
 
-        Returns False, and forgets the batch, when it does not fit the byte budget (the
-        caller then uses the pool-gathering path)."""
+        Rows that continue the last step at the same place are appended to; the others are
+        gathered from the pool (all of them after a membership change other than newcomers
+        at the end, see :meth:`arrange`). Returns False, and forgets the batch, when it does
+        not fit the byte budget (the caller then uses the pool-gathering path)."""
         n, longest = len(seqs), max(context_lens)
-        continuing = (len(self._seqs) == n and all(a is b for a, b in zip(seqs, self._seqs, strict=True))
-                      and all(c == p + 1 for c, p in zip(context_lens, self._lens, strict=True)))
+        num_kept = len(self._seqs)
+        if not (num_kept <= n
+                and all(a is b for a, b in zip(seqs, self._seqs, strict=False))
+                and all(c == p + 1 for c, p in zip(context_lens, self._lens, strict=False))):
+            num_kept = 0
         buf = self.buf
         if buf is None or buf.shape[2] < n or buf.shape[4] < longest:
             shape = self._new_shape(n, longest)
@@ -72,42 +96,43 @@ class DecodeKVCache:
                 self.invalidate()
                 return False
             # Not zeroed: a fresh gigabyte costs its page faults where it is touched, and
-            # only the columns a step reads are (see _clear_new_column).
+            # only the columns a step reads are (see _clear_columns).
             self.buf = torch.empty(shape, dtype=self.dtype, device=self.device)
-            continuing = False
+            num_kept = 0
         assert self.buf is not None
-        if continuing:
-            self._clear_new_column(n, longest)
-        self.rebuild = not continuing
-        self.num_rebuilds += self.rebuild
+        if num_kept:
+            self._clear_columns(num_kept, longest)
+        self.num_kept = num_kept
+        self.num_rebuilds += num_kept == 0
+        self.num_extends += 0 < num_kept < n
         self._seqs, self._lens = list(seqs), list(context_lens)
         self.num_rows, self.max_len = n, longest
         cap, kvh, dev = self.buf.shape[4], self.num_kv_heads, self.device
-        lens = torch.tensor(context_lens, device=dev)
+        lens = torch.tensor(context_lens[:num_kept], device=dev)
         # Row r = b * KVH + h of the flattened [rows * KVH, capacity] view.
-        rows = torch.arange(n * kvh, device=dev).view(n, kvh)
+        rows = torch.arange(num_kept * kvh, device=dev).view(num_kept, kvh)
         self.append_index = (rows * cap + (lens - 1)[:, None]).flatten()
-        if not continuing or len(self.groups) != 1 or n == 1:
-            self.groups = length_groups(context_lens)
-        else:  # every row grew by one: same boundaries, each group one key longer
+        if num_kept == n:  # every row grew by one: same cuts, each group one key longer
             self.groups = [(a, b, m + 1) for a, b, m in self.groups]
+        else:
+            self.groups = length_groups(context_lens)
         key_pos = torch.arange(longest, device=dev)
-        past_end = (key_pos[None, :] >= lens[:, None])[:, None, None, :]
+        past_end = (key_pos[None, :] >= torch.tensor(context_lens, device=dev)[:, None])
         self.bias = torch.zeros(past_end.shape, dtype=self.dtype, device=dev).masked_fill_(
-            past_end, float("-inf"))
+            past_end, float("-inf"))[:, None, None, :]
         return True
 
-    def _clear_new_column(self, n: int, longest: int) -> None:
-        """Zero the column the read window grows into, unless a rebuild already wrote it.
+    def _clear_columns(self, num_kept: int, longest: int) -> None:
+        """Zero the columns the kept rows' read window grows into, unless a gather wrote them.
 
         Masked-off keys still enter the arithmetic (with weight 0), and 0 * NaN from
-        uninitialised memory would poison a row. Every column below ``max_len`` is therefore
-        either gathered from the pool at the last rebuild (``_written`` columns) or zeroed here
-        when it entered the window; a row reaching that column later overwrites it."""
-        column = longest - 1
-        if column >= self._written:
-            assert self.buf is not None and column == self._written
-            self.buf[:, :, :n, :, column].zero_()
+        uninitialised memory would poison a row. Every column below ``max_len`` of every row
+        is therefore either gathered from the pool (``_written`` columns of the kept rows,
+        the whole padded table of a gathered row) or zeroed here when it entered the window;
+        a row reaching that column later overwrites it."""
+        if longest > self._written:
+            assert self.buf is not None
+            self.buf[:, :, :num_kept, :, self._written:longest].zero_()
             self._written = longest
 
     def _new_shape(self, n: int, longest: int) -> tuple[int, ...] | None:
@@ -127,19 +152,22 @@ class DecodeKVCache:
         """K and V ``[B, KVH, max_len, D]`` of ``layer`` including this step's token, whose
         ``k``/``v`` (``[B, KVH, D]``) are already in ``kv_cache`` (the layer's pool)."""
         assert self.buf is not None and self.append_index is not None
-        n, dense = self.num_rows, self.buf[layer]
-        if self.rebuild:
-            b, width = block_tables.shape[0], block_tables.shape[1] * block_size
-            gathered = gather_blocks(kv_cache, block_tables).view(
-                2, b, width, self.num_kv_heads, self.head_dim).transpose(2, 3)
-            dense[:, :n, :, :width].copy_(gathered)
-            self._written = width
-        else:
+        n, kept, dense = self.num_rows, self.num_kept, self.buf[layer]
+        if kept:
             cap, d = dense.shape[3], self.head_dim
             flat = dense.view(2, -1, d)  # [2, rows * KVH * capacity, D]
-            flat[0].index_copy_(0, self.append_index, k.reshape(-1, d))
-            flat[1].index_copy_(0, self.append_index, v.reshape(-1, d))
+            flat[0].index_copy_(0, self.append_index, k[:kept].reshape(-1, d))
+            flat[1].index_copy_(0, self.append_index, v[:kept].reshape(-1, d))
             assert flat.shape[1] == dense.shape[1] * self.num_kv_heads * cap
+        if kept < n:
+            tables = block_tables[kept:]
+            width = tables.shape[1] * block_size
+            gathered = gather_blocks(kv_cache, tables).view(
+                2, n - kept, width, self.num_kv_heads, self.head_dim).transpose(2, 3)
+            width = min(width, dense.shape[3])  # a last block may reach past the capacity
+            dense[:, kept:n, :, :width].copy_(gathered[..., :width, :])
+            # Kept rows hold at least max_len columns (_clear_columns ran in plan).
+            self._written = width if kept == 0 else min(self._written, width)
         return dense[0, :n, :, :self.max_len], dense[1, :n, :, :self.max_len]
 
 
@@ -149,21 +177,24 @@ GROUP_COST_KEYS = 750
 
 
 def length_groups(context_lens: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Cut rows into contiguous groups ``(start, end, longest)`` that minimise keys read
-    (each row reads its group's longest) plus ``GROUP_COST_KEYS`` per group. Rows that are
-    not sorted longest first make one group (the cut would not be contiguous)."""
+    """Cut rows, in their order, into contiguous groups ``(start, end, longest)`` that
+    minimise keys read (each row reads up to its group's longest) plus ``GROUP_COST_KEYS``
+    per group. Rows sorted longest first cut best; newcomers appended after kept rows
+    (:meth:`DecodeKVCache.arrange`) usually form groups of their own."""
     n = len(context_lens)
-    if n < 2 or any(a < b for a, b in pairwise(context_lens)):
-        return [(0, n, max(context_lens, default=0))]
     best = [0] * (n + 1)  # best[j]: cost of rows [0, j)
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        best[j], cut[j] = min((best[i] + (j - i) * context_lens[i] + GROUP_COST_KEYS, i)
-                              for i in range(j))
+        longest, best[j], cut[j] = 0, -1, 0
+        for i in range(j - 1, -1, -1):  # group [i, j), growing to the left
+            longest = max(longest, context_lens[i])
+            cost = best[i] + (j - i) * longest + GROUP_COST_KEYS
+            if best[j] < 0 or cost < best[j]:
+                best[j], cut[j] = cost, i
     groups, j = [], n
     while j:
         i = cut[j]
-        groups.append((i, j, context_lens[i]))
+        groups.append((i, j, max(context_lens[i:j])))
         j = i
     return groups[::-1]
 

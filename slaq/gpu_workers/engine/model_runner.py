@@ -159,9 +159,10 @@ class ModelRunner:
         dkv = self.decode_kv
         if dkv is not None:
             # Longest context first, so that the dense decode attention can cut the batch into
-            # groups that read keys only up to their own longest row. The order survives a
-            # step (every context grows by one), so the dense copy keeps appending.
-            decodes.sort(key=lambda s: (-s.start, s.seq.request_id))
+            # groups that read keys only up to their own longest row; rows the dense copy
+            # holds keep their places (it appends to them and gathers only newcomers).
+            decodes = dkv.arrange(decodes, seq=lambda s: s.seq, context_len=lambda s: s.start + 1,
+                                  order=lambda s: (-s.start, s.seq.request_id))
         if dkv is not None and any(dkv.touches(s.seq) for s in prefills):
             dkv.invalidate()  # its KV is being recomputed: the copy may not follow it
         bs = self.block_size

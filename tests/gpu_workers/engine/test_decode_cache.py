@@ -62,6 +62,7 @@ def test_dense_decode_equals_gather_path(tiny_model_path, tiny_prompts):
     assert ours == _staggered(gather, tiny_prompts, 12)
     # Most steps continued the same batch; only membership changes rebuilt it.
     assert 0 < dense.decode_kv.num_rebuilds < 12 + len(tiny_prompts)
+    assert dense.decode_kv.num_extends > 0  # joins gathered only the newcomers
 
 
 def test_appends_match_a_fresh_gather():
@@ -70,7 +71,10 @@ def test_appends_match_a_fresh_gather():
     pool = torch.randn(layers, 2, 12, bs, kvh, d)
     cache = DecodeKVCache(layers, kvh, d, torch.float32, torch.device("cpu"), 1 << 20)
     seqs, tables = [object(), object()], torch.tensor([[3, 7, 1], [5, 0, 0]])
-    for lens in ([9, 2], [10, 3], [11, 4]):
+    for step, lens in enumerate(([9, 2], [10, 3], [11, 4, 6], [12, 5, 7])):
+        if step == 2:  # a newcomer joins after the kept rows: only it is gathered
+            seqs.append(object())
+            tables = torch.tensor([[3, 7, 1], [5, 0, 0], [2, 9, 0]])
         assert cache.plan(seqs, lens)
         for layer in range(layers):
             slots = [int(tables[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(lens)]
@@ -80,8 +84,23 @@ def test_appends_match_a_fresh_gather():
             for b, n in enumerate(lens):
                 ref = pool[layer][:, tables[b]].flatten(1, 2)[:, :n].transpose(1, 2)
                 assert torch.equal(kc[b, :, :n], ref[0]) and torch.equal(vc[b, :, :n], ref[1])
-    assert cache.num_rebuilds == 1
+    assert (cache.num_rebuilds, cache.num_extends) == (1, 1)
     assert not cache.plan([object()], [10 ** 6])  # over the byte budget: caller gathers
+
+
+def test_arrange_keeps_held_rows_in_place_and_appends_newcomers():
+    cache = DecodeKVCache(1, 1, 4, torch.float32, torch.device("cpu"), 1 << 20)
+    a, b, c = object(), object(), object()
+    assert cache.plan([a, b], [9, 30])  # held in this order, whatever their lengths
+    items = [(c, 50), (b, 31), (a, 10)]
+    arranged = cache.arrange(items, seq=lambda it: it[0], context_len=lambda it: it[1],
+                             order=lambda it: -it[1])
+    assert [it[0] for it in arranged] == [a, b, c]
+    # A held row that does not continue (it left, or was recomputed): everyone re-sorted.
+    items = [(c, 50), (b, 31)]
+    arranged = cache.arrange(items, seq=lambda it: it[0], context_len=lambda it: it[1],
+                             order=lambda it: -it[1])
+    assert [it[0] for it in arranged] == [c, b]
 
 
 def test_length_groups_cut_sorted_rows_where_it_pays():
@@ -91,14 +110,17 @@ def test_length_groups_cut_sorted_rows_where_it_pays():
     assert [g[2] for g in groups] == [500, 120]  # each group reads up to its own longest row
     # Close lengths: one more group would cost more than the padding it saves.
     assert length_groups([300, 290, 280, 270]) == [(0, 4, 300)]
-    # Not sorted longest first: one group (a cut would not be contiguous rows).
+    # Any order: rows appended after kept ones form their own group when that pays.
     assert length_groups([100, 500, 90]) == [(0, 3, 500)]
+    assert length_groups([500, 490, 480, 60, 50]) == [(0, 3, 500), (3, 5, 60)]
+    assert length_groups([60, 50, 500, 490]) == [(0, 2, 60), (2, 4, 500)]
+    assert length_groups([]) == []
     for n in (1, 5, 33):
         lens = sorted(range(64, 64 + 17 * n, 17), reverse=True)
         groups = length_groups(lens)
         assert groups[0][0] == 0 and groups[-1][1] == n  # contiguous cover of every row
         assert all(a[1] == b[0] for a, b in pairwise(groups))
-        assert all(m == lens[start] for start, _, m in groups)
+        assert all(m == max(lens[start:end]) for start, end, m in groups)
 
 
 def test_keys_past_a_row_end_are_finite_though_the_buffer_is_not_zeroed():
@@ -144,3 +166,30 @@ def test_grouped_attention_equals_one_group():
         part = dense_decode_attention(q[start:end], k[start:end, :, :n], v[start:end, :, :n],
                                       bias[start:end, ..., :n], 0.3)
         torch.testing.assert_close(part, whole[start:end], rtol=1e-5, atol=1e-6)
+
+
+def test_a_longer_newcomer_leaves_no_garbage_in_the_kept_rows():
+    layers, kvh, d, bs = 1, 1, 4, 4
+    pool = torch.randn(layers, 2, 12, bs, kvh, d)
+    cache = DecodeKVCache(layers, kvh, d, torch.float32, torch.device("cpu"), 1 << 20)
+    tables = torch.tensor([[1, 2, 3, 4, 0], [5, 0, 0, 0, 0], [6, 7, 8, 9, 10]])
+
+    def step(seqs, lens, poison=False):
+        assert cache.plan(seqs, lens)
+        if poison:  # all but what this and the next steps gather or append is garbage
+            cache.buf.fill_(float("nan"))
+        width = -(-max(lens) // bs)
+        slots = [int(tables[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(lens)]
+        flat = pool[0].view(2, -1, kvh, d)
+        return cache.layer_kv(0, pool[0], tables[:len(lens), :width], flat[0, slots],
+                              flat[1, slots], bs)
+
+    seqs = [object(), object()]
+    step(seqs, [5, 2], poison=True)  # rebuild: gathers columns [0, 8) of both rows
+    step(seqs, [6, 3])
+    kc, vc = step([*seqs, object()], [7, 4, 19])  # the newcomer widens the window to 19
+    assert cache.num_extends == 1
+    assert torch.isfinite(kc).all() and torch.isfinite(vc).all()
+    for b, n in enumerate([7, 4, 19]):
+        ref = pool[0][:, tables[b]].flatten(1, 2)[:, :n].transpose(1, 2)
+        assert torch.equal(kc[b, :, :n], ref[0]) and torch.equal(vc[b, :, :n], ref[1])
