@@ -71,3 +71,13 @@ def test_packed_model_matches_the_unpacked_one(tiny_model_path):
         for a, b in zip(packed.layers, plain.layers, strict=True):
             torch.testing.assert_close(a.mlp(hidden, packed.ops), b.mlp(hidden, plain.ops),
                                        rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_a_size_is_packed_only_once_it_is_used():
+    packed = PackedLinear(nn.Linear(32, 48, bias=False), (8, 32))
+    assert packed._packed == {}
+    with torch.inference_mode():
+        packed(torch.randn(3, 32))
+        packed(torch.randn(100, 32))  # larger than every size: F.linear, nothing packed
+    assert set(packed._packed) == {8}

@@ -8,9 +8,9 @@ through ``F.linear`` and 0.46 ms with the weight packed once (``cblas_sgemm_pack
 freezes a CPU model), with bitwise-equal results in that measurement.
 
 The packed kernel runs only for the exact row count it was packed for, so each layer keeps one
-packing per size in ``row_sizes`` and pads a decode batch up to the nearest one; anything
-larger (prefill chunks) goes through ``F.linear`` as before. Each packing takes about 1.2x the
-weight's bytes.
+packing per size in ``row_sizes`` (made on first use) and pads a decode batch up to the
+nearest one; anything larger (prefill chunks) goes through ``F.linear`` as before. Each packing
+takes about 1.2x the weight's bytes.
 """
 
 from __future__ import annotations
@@ -54,10 +54,18 @@ class PackedLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.row_sizes = tuple(sorted(row_sizes))
-        w = self.weight.detach()
-        assert w.dtype == torch.float32 and w.device.type == "cpu", "MKL packs fp32 CPU weights"
-        self._packed = {m: torch.ops.mkl._mkl_reorder_linear_weight(w, m)
-                        for m in self.row_sizes}
+        assert self.weight.dtype == torch.float32 and self.weight.device.type == "cpu", (
+            "MKL packs fp32 CPU weights")
+        # Packed on first use: a worker that never decodes at a size (a prefill-only worker
+        # with long prompts) never pays its memory.
+        self._packed: dict[int, torch.Tensor] = {}
+
+    def _packing(self, rows: int) -> torch.Tensor:
+        packed = self._packed.get(rows)
+        if packed is None:
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), rows)
+            self._packed[rows] = packed
+        return packed
 
     @property
     def in_features(self) -> int:
@@ -76,7 +84,7 @@ class PackedLinear(nn.Module):
             padded = x.new_zeros(size, x.shape[1])
             padded[:rows] = x
             x = padded
-        out = torch.ops.mkl._mkl_linear(x.contiguous(), self._packed[size], self.weight,
+        out = torch.ops.mkl._mkl_linear(x.contiguous(), self._packing(size), self.weight,
                                         self.bias, size)
         return out[:rows]
 
