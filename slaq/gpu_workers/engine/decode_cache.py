@@ -48,6 +48,7 @@ class DecodeKVCache:
         self.bias: torch.Tensor | None = None
         self.num_rebuilds = 0  # steps that gathered every row
         self.num_extends = 0  # steps that appended to some rows and gathered newcomers
+        self.num_moved_rows = 0  # kept rows copied into the places of rows that left
         # (first row, end row, keys to read): rows sorted longest first, cut where reading a
         # group only up to its own longest row saves more than a group's fixed cost
         self.groups: list[tuple[int, int, int]] = []
@@ -63,31 +64,43 @@ class DecodeKVCache:
                 context_len: Callable[[T], int], order: Callable[[T], Any]) -> list[T]:
         """The batch order for the next decode step of ``items``.
 
-        When every row this copy holds continues (one token longer), those rows keep their
-        places and the newcomers follow, ordered by ``order``: the step appends to the kept
-        rows and gathers only the new ones. Otherwise all rows are ordered by ``order`` (the
-        step rebuilds)."""
+        Rows this copy holds that continue (one token longer) stay where they are, except
+        that the last ones move into the places of rows that left; newcomers follow, ordered
+        by ``order``. The step then appends to the kept rows, copies the few that moved, and
+        gathers only the newcomers. When that order would read 25% more keys than sorting
+        everything by ``order`` (see :func:`length_groups`), everything is sorted instead
+        (the step rebuilds)."""
+        ranked = sorted(items, key=order)
         by_seq = {id(seq(it)): it for it in items}
-        kept = [by_seq.get(id(s)) for s in self._seqs]
-        if not kept or any(it is None or context_len(it) != n + 1
-                           for it, n in zip(kept, self._lens, strict=True)):
-            return sorted(items, key=order)
-        held = {id(s) for s in self._seqs}
-        return [*kept, *sorted((it for it in items if id(seq(it)) not in held), key=order)]
+        place: list[T | None] = [None] * len(self._seqs)
+        for i, (s, n) in enumerate(zip(self._seqs, self._lens, strict=True)):
+            it = by_seq.get(id(s))
+            if it is not None and context_len(it) == n + 1:
+                place[i] = it
+        num_kept = sum(it is not None for it in place)
+        if not num_kept:
+            return ranked
+        holes = (i for i in range(num_kept) if place[i] is None)
+        for i in range(num_kept, len(place)):  # the last kept rows fill the holes
+            if place[i] is not None:
+                place[next(holes)], place[i] = place[i], None
+        kept = {id(seq(it)) for it in place if it is not None}
+        arranged = [*place[:num_kept], *(it for it in ranked if id(seq(it)) not in kept)]
+        if (_keys_read([context_len(it) for it in arranged])
+                > 1.25 * _keys_read([context_len(it) for it in ranked])):
+            return ranked
+        return arranged  # type: ignore[return-value]
 
     def plan(self, seqs: Sequence[object], context_lens: Sequence[int]) -> bool:
         """Get ready for a decode step of ``seqs`` (in batch order) at ``context_lens``.
 
-        Rows that continue the last step at the same place are appended to; the others are
-        gathered from the pool (all of them after a membership change other than newcomers
-        at the end, see :meth:`arrange`). Returns False, and forgets the batch, when it does
-        not fit the byte budget (the caller then uses the pool-gathering path)."""
+        The longest prefix of rows that this copy holds, one token longer, is kept: rows
+        that moved (see :meth:`arrange`) are copied to their new places and all are appended
+        to; the rest are gathered from the pool. Returns False, and forgets the batch, when
+        it does not fit the byte budget (the caller then uses the pool-gathering path)."""
         n, longest = len(seqs), max(context_lens)
-        num_kept = len(self._seqs)
-        if not (num_kept <= n
-                and all(a is b for a, b in zip(seqs, self._seqs, strict=False))
-                and all(c == p + 1 for c, p in zip(context_lens, self._lens, strict=False))):
-            num_kept = 0
+        moves = self._kept_rows(seqs, context_lens)
+        num_kept = len(moves)
         buf = self.buf
         if buf is None or buf.shape[2] < n or buf.shape[4] < longest:
             shape = self._new_shape(n, longest)
@@ -101,6 +114,7 @@ class DecodeKVCache:
             num_kept = 0
         assert self.buf is not None
         if num_kept:
+            self._move_rows([(src, dst) for dst, src in enumerate(moves) if src != dst])
             self._clear_columns(num_kept, longest)
         self.num_kept = num_kept
         self.num_rebuilds += num_kept == 0
@@ -112,7 +126,8 @@ class DecodeKVCache:
         # Row r = b * KVH + h of the flattened [rows * KVH, capacity] view.
         rows = torch.arange(num_kept * kvh, device=dev).view(num_kept, kvh)
         self.append_index = (rows * cap + (lens - 1)[:, None]).flatten()
-        if num_kept == n:  # every row grew by one: same cuts, each group one key longer
+        if num_kept == n and all(src == dst for dst, src in enumerate(moves)):
+            # every row grew by one in place: same cuts, each group one key longer
             self.groups = [(a, b, m + 1) for a, b, m in self.groups]
         else:
             self.groups = length_groups(context_lens)
@@ -121,6 +136,32 @@ class DecodeKVCache:
         self.bias = torch.zeros(past_end.shape, dtype=self.dtype, device=dev).masked_fill_(
             past_end, float("-inf"))[:, None, None, :]
         return True
+
+    def _kept_rows(self, seqs: Sequence[object], context_lens: Sequence[int]) -> list[int]:
+        """For the longest prefix of ``seqs`` held here one token shorter: each one's row now.
+        Empty when the first row is not such a sequence."""
+        row_of = {id(s): i for i, s in enumerate(self._seqs)}
+        moves: list[int] = []
+        for s, n in zip(seqs, context_lens, strict=True):
+            row = row_of.get(id(s))
+            if row is None or self._lens[row] + 1 != n:
+                break
+            moves.append(row)
+        return moves
+
+    def _move_rows(self, moves: list[tuple[int, int]]) -> None:
+        """Copy rows ``src -> dst`` (every layer, the ``_written`` columns all rows hold); a
+        destination is never the source of another move (arrange fills holes from rows past
+        the kept ones)."""
+        if not moves:
+            return
+        assert self.buf is not None
+        src = torch.tensor([m[0] for m in moves], device=self.device)
+        dst = torch.tensor([m[1] for m in moves], device=self.device)
+        assert not set(dst.tolist()) & set(src.tolist()), "a move would overwrite a source"
+        w = self._written
+        self.buf[:, :, :, :, :w].index_copy_(2, dst, self.buf[:, :, :, :, :w].index_select(2, src))
+        self.num_moved_rows += len(moves)
 
     def _clear_columns(self, num_kept: int, longest: int) -> None:
         """Zero the columns the kept rows' read window grows into, unless a gather wrote them.
@@ -197,6 +238,10 @@ def length_groups(context_lens: Sequence[int]) -> list[tuple[int, int, int]]:
         groups.append((i, j, max(context_lens[i:j])))
         j = i
     return groups[::-1]
+
+
+def _keys_read(context_lens: Sequence[int]) -> int:
+    return sum((end - start) * longest for start, end, longest in length_groups(context_lens))
 
 
 def _row_capacity(n: int) -> int:

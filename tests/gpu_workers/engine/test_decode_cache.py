@@ -88,19 +88,24 @@ def test_appends_match_a_fresh_gather():
     assert not cache.plan([object()], [10 ** 6])  # over the byte budget: caller gathers
 
 
-def test_arrange_keeps_held_rows_in_place_and_appends_newcomers():
+def test_arrange_keeps_held_rows_fills_holes_and_appends_newcomers():
     cache = DecodeKVCache(1, 1, 4, torch.float32, torch.device("cpu"), 1 << 20)
-    a, b, c = object(), object(), object()
-    assert cache.plan([a, b], [9, 30])  # held in this order, whatever their lengths
-    items = [(c, 50), (b, 31), (a, 10)]
-    arranged = cache.arrange(items, seq=lambda it: it[0], context_len=lambda it: it[1],
-                             order=lambda it: -it[1])
-    assert [it[0] for it in arranged] == [a, b, c]
-    # A held row that does not continue (it left, or was recomputed): everyone re-sorted.
-    items = [(c, 50), (b, 31)]
-    arranged = cache.arrange(items, seq=lambda it: it[0], context_len=lambda it: it[1],
-                             order=lambda it: -it[1])
-    assert [it[0] for it in arranged] == [c, b]
+    a, b, c, d, e = (object() for _ in range(5))
+
+    def arrange(items):
+        return [it[0] for it in cache.arrange(items, seq=lambda it: it[0],
+                                              context_len=lambda it: it[1],
+                                              order=lambda it: -it[1])]
+
+    assert cache.plan([a, b], [29, 30])  # held in this order
+    assert arrange([(c, 50), (b, 31), (a, 30)]) == [a, b, c]  # kept in place, c appended
+    # a left: b, the last kept row, moves into its place; the newcomer follows.
+    assert arrange([(c, 50), (b, 31)]) == [b, c]
+    # A held row that did not grow by one (recomputed) is gathered again, as a newcomer.
+    assert arrange([(a, 5), (b, 31)]) == [b, a]
+    # Keeping places would read 25% more keys than sorting everyone: everyone is sorted.
+    assert cache.plan([a, b, c], [500, 30, 510])
+    assert arrange([(b, 31), (c, 511), (d, 505), (e, 40)]) == [c, d, e, b]
 
 
 def test_length_groups_cut_sorted_rows_where_it_pays():
@@ -193,3 +198,41 @@ def test_a_longer_newcomer_leaves_no_garbage_in_the_kept_rows():
     for b, n in enumerate([7, 4, 19]):
         ref = pool[0][:, tables[b]].flatten(1, 2)[:, :n].transpose(1, 2)
         assert torch.equal(kc[b, :, :n], ref[0]) and torch.equal(vc[b, :, :n], ref[1])
+
+
+def test_a_leave_moves_the_last_row_into_its_place_and_keeps_appending():
+    torch.manual_seed(3)
+    layers, kvh, d, bs = 2, 2, 8, 4
+    pool = torch.randn(layers, 2, 16, bs, kvh, d)
+    cache = DecodeKVCache(layers, kvh, d, torch.float32, torch.device("cpu"), 1 << 20)
+    table_of = {}
+    seqs = [object() for _ in range(4)]
+    for i, s in enumerate(seqs):
+        table_of[id(s)] = [4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3]
+    lens_of = {id(s): n for s, n in zip(seqs, [9, 7, 5, 3], strict=True)}
+
+    def step(batch):
+        batch = [it[0] for it in cache.arrange(
+            [(s, lens_of[id(s)]) for s in batch], seq=lambda it: it[0],
+            context_len=lambda it: it[1], order=lambda it: -it[1])]
+        lens = [lens_of[id(s)] for s in batch]
+        width = -(-max(lens) // bs)
+        tables = torch.tensor([table_of[id(s)][:width] for s in batch])
+        assert cache.plan(batch, lens)
+        for layer in range(layers):
+            slots = [int(tables[b, (n - 1) // bs]) * bs + (n - 1) % bs
+                     for b, n in enumerate(lens)]
+            flat = pool[layer].view(2, -1, kvh, d)
+            kc, vc = cache.layer_kv(layer, pool[layer], tables, flat[0, slots], flat[1, slots],
+                                    bs)
+            for b, n in enumerate(lens):
+                ref = pool[layer][:, tables[b]].flatten(1, 2)[:, :n].transpose(1, 2)
+                assert torch.equal(kc[b, :, :n], ref[0]) and torch.equal(vc[b, :, :n], ref[1])
+        for s in batch:
+            lens_of[id(s)] += 1
+        return batch
+
+    assert step(seqs) == seqs  # rebuild, sorted longest first
+    assert step(seqs[1:]) == [seqs[3], seqs[1], seqs[2]]  # the last row fills row 0
+    assert step(seqs[1:]) == [seqs[3], seqs[1], seqs[2]]  # and the order holds
+    assert (cache.num_rebuilds, cache.num_moved_rows) == (1, 1)
