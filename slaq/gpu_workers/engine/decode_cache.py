@@ -5,9 +5,10 @@ and every layer: at batch 32 and a few hundred tokens of context that copy moves
 than the model's weights. On CPU the batch of a decode phase rarely changes from one step to
 the next, so :class:`DecodeKVCache` keeps the gathered K/V of the last decode step
 (``[layers, 2, batch, kv_heads, capacity, head_dim]``) and, while the same sequences continue
-with one more token each, only writes the new token's K/V into it. Any other change (a
-sequence joins, leaves, is re-prefilled, its KV is overwritten by a transfer, or the context
-outgrows the buffer) triggers one gather from the pool, which stays the source of truth.
+with one more token each, only writes the new token's K/V into it. A sequence that joins is
+gathered alone, one that leaves has its row taken by the last row (:meth:`DecodeKVCache.
+arrange`); anything else (a sequence re-prefilled, KV overwritten by a transfer, a context
+outgrowing the buffer) gathers every row from the pool, which stays the source of truth.
 """
 
 from __future__ import annotations
@@ -150,15 +151,14 @@ class DecodeKVCache:
         return moves
 
     def _move_rows(self, moves: list[tuple[int, int]]) -> None:
-        """Copy rows ``src -> dst`` (every layer, the ``_written`` columns all rows hold); a
-        destination is never the source of another move (arrange fills holes from rows past
-        the kept ones)."""
+        """Copy rows ``src -> dst`` (every layer, the ``_written`` columns all rows hold).
+        The sources are read into a copy before any destination is written, so the moves may
+        form any permutation."""
         if not moves:
             return
         assert self.buf is not None
         src = torch.tensor([m[0] for m in moves], device=self.device)
         dst = torch.tensor([m[1] for m in moves], device=self.device)
-        assert not set(dst.tolist()) & set(src.tolist()), "a move would overwrite a source"
         w = self._written
         self.buf[:, :, :, :, :w].index_copy_(2, dst, self.buf[:, :, :, :, :w].index_select(2, src))
         self.num_moved_rows += len(moves)

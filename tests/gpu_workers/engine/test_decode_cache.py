@@ -236,3 +236,23 @@ def test_a_leave_moves_the_last_row_into_its_place_and_keeps_appending():
     assert step(seqs[1:]) == [seqs[3], seqs[1], seqs[2]]  # the last row fills row 0
     assert step(seqs[1:]) == [seqs[3], seqs[1], seqs[2]]  # and the order holds
     assert (cache.num_rebuilds, cache.num_moved_rows) == (1, 1)
+
+
+def test_plan_keeps_rows_given_in_any_order():
+    """plan() alone (without arrange) may be handed held rows swapped: still exact."""
+    torch.manual_seed(4)
+    layers, kvh, d, bs = 1, 1, 4, 4
+    pool = torch.randn(layers, 2, 8, bs, kvh, d)
+    cache = DecodeKVCache(layers, kvh, d, torch.float32, torch.device("cpu"), 1 << 20)
+    a, b = object(), object()
+    tables = {id(a): [1, 2, 3], id(b): [4, 5, 6]}
+    for seqs, lens in (([a, b], [5, 3]), ([b, a], [4, 6])):
+        width = -(-max(lens) // bs)
+        tab = torch.tensor([tables[id(s)][:width] for s in seqs])
+        assert cache.plan(seqs, lens)
+        slots = [int(tab[i, (n - 1) // bs]) * bs + (n - 1) % bs for i, n in enumerate(lens)]
+        flat = pool[0].view(2, -1, kvh, d)
+        kc, _ = cache.layer_kv(0, pool[0], tab, flat[0, slots], flat[1, slots], bs)
+        for i, n in enumerate(lens):
+            assert torch.equal(kc[i, :, :n], pool[0][0, tab[i]].flatten(0, 1)[:n].transpose(0, 1))
+    assert (cache.num_rebuilds, cache.num_moved_rows) == (1, 2)
