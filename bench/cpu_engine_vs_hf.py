@@ -39,23 +39,6 @@ def _run_gather(engine, prompts: list[list[int]], new_tokens: int) -> dict:
         engine.runner.decode_kv = saved
 
 
-def _unpacked(engine) -> None:
-    """Put plain ``nn.Linear`` layers back (the weights stay shared): our engine as it ran
-    before the MKL-packed decode matmuls, for a same-run comparison."""
-    from torch import nn
-
-    from slaq.gpu_workers.engine.models.cpu_linear import PackedLinear
-
-    model = engine.runner.model
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, PackedLinear):
-            plain = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                              device="meta")
-            plain.weight, plain.bias = mod.weight, mod.bias
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, plain)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
@@ -80,8 +63,11 @@ def main() -> None:
     prompts = _prompts(cfg, args.batch, engine.model_config.vocab_size, cfg.seed + args.batch)
     plain = None
     if args.with_unpacked:
+        from slaq.gpu_workers.engine.models.cpu_linear import unpack_linears
+
+        # Our engine as it ran before the MKL-packed decode matmuls (weights shared).
         plain = build_engine(cfg, "eager", args.batch, _num_blocks(cfg))
-        _unpacked(plain)
+        unpack_linears(plain.runner.model)
         run_ours(plain, prompts[:2], 4, "cpu")
     run_hf(hf_model, prompts[:2], 2, "cpu")  # warm up both
     run_ours(engine, prompts[:2], 4, "cpu")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from slaq.platform.policy import PolicyConfig
 
@@ -18,8 +19,15 @@ def policy_config_from_env(env: dict[str, str] | None = None) -> PolicyConfig:
     overrides = json.loads(env.get("SLAQ_POLICY_OVERRIDES") or "{}")
     if not isinstance(overrides, dict):
         raise ValueError("SLAQ_POLICY_OVERRIDES must be a JSON object")
-    if "watermarks" in overrides:
-        overrides["watermarks"] = {t: tuple(v) for t, v in overrides["watermarks"].items()}
-    if "length_ordered_tiers" in overrides:
-        overrides["length_ordered_tiers"] = tuple(overrides["length_ordered_tiers"])
+    # JSON has lists where the config holds tuples (watermarks, length_ordered_tiers, ...).
+    overrides = {k: _tuples(v) for k, v in overrides.items()}
     return PolicyConfig.preset(env.get("SLAQ_POLICY") or "slaq", **overrides)
+
+
+def _tuples(value: Any) -> Any:
+    """``value`` with every JSON list, at any depth, as a tuple."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value

@@ -9,10 +9,27 @@ pytest.importorskip("triton")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
+from dataclasses import replace  # noqa: E402 - after the skips above
+
+from slaq.gpu_workers.engine.config import SamplingParams  # noqa: E402
+from slaq.gpu_workers.engine.cuda_graphs import CudaGraphModelRunner, bucket_sizes  # noqa: E402
+from slaq.gpu_workers.engine.llm_engine import LLMEngine  # noqa: E402
+from slaq.gpu_workers.engine.testing import (  # noqa: E402
+    TINY_PROMPTS,
+    engine_config,
+    hf_causal_lm,
+    hf_greedy,
+)
+
+
+def _graph_engine(path, **config) -> tuple[CudaGraphModelRunner, LLMEngine]:
+    """An engine on the graph runner, over the tiny model on CUDA."""
+    cfg = engine_config(path, device="cuda", **config)
+    runner = CudaGraphModelRunner(cfg)
+    return runner, LLMEngine(cfg, runner=runner)
+
 
 def test_bucket_sizes():
-    from slaq.gpu_workers.engine.cuda_graphs import bucket_sizes
-
     assert bucket_sizes(1) == [1]
     assert bucket_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert bucket_sizes(128)[-2:] == [96, 128]
@@ -21,19 +38,7 @@ def test_bucket_sizes():
 
 
 def test_graph_runner_matches_hf_greedy_in_fp32(tiny_model_path):
-    from slaq.gpu_workers.engine.config import SamplingParams
-    from slaq.gpu_workers.engine.cuda_graphs import CudaGraphModelRunner
-    from slaq.gpu_workers.engine.llm_engine import LLMEngine
-    from slaq.gpu_workers.engine.testing import (
-        TINY_PROMPTS,
-        engine_config,
-        hf_causal_lm,
-        hf_greedy,
-    )
-
-    config = engine_config(tiny_model_path, device="cuda", max_num_seqs=8)
-    runner = CudaGraphModelRunner(config)
-    engine = LLMEngine(config, runner=runner)
+    runner, engine = _graph_engine(tiny_model_path, max_num_seqs=8)
     prompts = [engine.tokenizer.encode(p) for p in TINY_PROMPTS]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     got = [c.token_ids for c in engine.generate(prompts, params)]
@@ -43,13 +48,6 @@ def test_graph_runner_matches_hf_greedy_in_fp32(tiny_model_path):
 
 
 def test_graph_replay_matches_the_same_runner_without_graphs_in_bf16(tiny_model_path):
-    from dataclasses import replace
-
-    from slaq.gpu_workers.engine.config import SamplingParams
-    from slaq.gpu_workers.engine.cuda_graphs import CudaGraphModelRunner
-    from slaq.gpu_workers.engine.llm_engine import LLMEngine
-    from slaq.gpu_workers.engine.testing import TINY_PROMPTS, engine_config
-
     config = engine_config(tiny_model_path, device="cuda", dtype="bfloat16", max_num_seqs=8)
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     eager_runner = CudaGraphModelRunner(replace(config, use_cuda_graphs=False))
@@ -69,20 +67,8 @@ def test_short_prefill_chunks_replay_the_graph_and_match_hf_in_fp32(tiny_model_p
     """The first prompt (38 tokens) is too long for graph rows in the tiny model's read budget
     and prefills eagerly; the second (42 tokens) shares its first 32, cached, so its 10-token
     chunk runs as graph rows. Both give HF's greedy tokens."""
-    from slaq.gpu_workers.engine.config import SamplingParams
-    from slaq.gpu_workers.engine.cuda_graphs import CudaGraphModelRunner
-    from slaq.gpu_workers.engine.llm_engine import LLMEngine
-    from slaq.gpu_workers.engine.testing import (
-        TINY_PROMPTS,
-        engine_config,
-        hf_causal_lm,
-        hf_greedy,
-    )
-
     # 16 seats: the second chunk (10 tokens) must fit the largest graph.
-    config = engine_config(tiny_model_path, device="cuda", max_num_seqs=16)
-    runner = CudaGraphModelRunner(config)
-    engine = LLMEngine(config, runner=runner)
+    runner, engine = _graph_engine(tiny_model_path, max_num_seqs=16)
     assert runner.graphs is not None
     prefix = engine.tokenizer.encode(TINY_PROMPTS[2])
     prompts = [prefix + engine.tokenizer.encode(" and then"),

@@ -239,12 +239,10 @@ def graph_rows(scheduled: list[ScheduledSequence], block_size: int, max_rows: in
         table = seq.block_table
         for pos in range(item.start, end):
             rows.token_ids.append(seq.token_id_at(pos))
-            rows.positions.append(pos)
-            rows.slots.append(table[pos // block_size] * block_size + pos % block_size)
             rows.block_tables.append(table[:pos // block_size + 1])
+        rows.positions += range(item.start, end)
+        rows.slots += seq.slots(item.start, end, block_size)
         if item.sample:
             rows.sample_indices.append(len(rows.token_ids) - 1)
-            p = seq.params
-            rows.requests.append(SampleRequest(
-                seq.request_id, p, seq.token_ids if p.repetition_penalty != 1.0 else ()))
+            rows.requests.append(SampleRequest.of(seq))
     return rows

@@ -71,7 +71,6 @@ class DecodeKVCache:
         gathers only the newcomers. When that order would read 25% more keys than sorting
         everything by ``order`` (see :func:`length_groups`), everything is sorted instead
         (the step rebuilds)."""
-        ranked = sorted(items, key=order)
         by_seq = {id(seq(it)): it for it in items}
         place: list[T | None] = [None] * len(self._seqs)
         for i, (s, n) in enumerate(zip(self._seqs, self._lens, strict=True)):
@@ -79,6 +78,9 @@ class DecodeKVCache:
             if it is not None and context_len(it) == n + 1:
                 place[i] = it
         num_kept = sum(it is not None for it in place)
+        if num_kept == len(place) == len(items):
+            return place  # type: ignore[return-value]  # the same batch: nothing to decide
+        ranked = sorted(items, key=order)
         if not num_kept:
             return ranked
         holes = (i for i in range(num_kept) if place[i] is None)

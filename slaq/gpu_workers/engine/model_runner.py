@@ -55,7 +55,8 @@ class ModelRunner:
         self.model = load_model(config.model, self.model_config, self.device, self.dtype)
         self.model.rotary.build(self.max_model_len, self.device, self.dtype)
         if self.device.type == "cpu" and self.dtype == torch.float32:
-            # Decode-sized matmuls ~1.8x faster with the weights packed once (cpu_linear).
+            # Decode-sized matmuls without MKL re-packing the weights on every call
+            # (cpu_linear; 5-10% of a whole CPU benchmark run, measured beside plain layers).
             pack_linears(self.model, packed_row_sizes(config.scheduler.max_num_seqs))
         self.backend = get_attention_backend(self.device)
         self.sampler = Sampler(self.device)
@@ -158,13 +159,13 @@ class ModelRunner:
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         dkv = self.decode_kv
         if dkv is not None:
+            if any(dkv.touches(s.seq) for s in prefills):
+                dkv.invalidate()  # its KV is being recomputed: the copy may not follow it
             # Longest context first, so that the dense decode attention can cut the batch into
             # groups that read keys only up to their own longest row; rows the dense copy
             # holds keep their places (it appends to them and gathers only newcomers).
             decodes = dkv.arrange(decodes, seq=lambda s: s.seq, context_len=lambda s: s.start + 1,
                                   order=lambda s: (-s.start, s.seq.request_id))
-        if dkv is not None and any(dkv.touches(s.seq) for s in prefills):
-            dkv.invalidate()  # its KV is being recomputed: the copy may not follow it
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -185,15 +186,11 @@ class ModelRunner:
                 spans.append(PrefillSpan(
                     token_start, s.num_new_tokens, s.start,
                     torch.tensor(seq.block_table[:-(-end // bs)], device=self.device)))
-            table = seq.block_table
-            for pos in range(s.start, end):
-                positions.append(pos)
-                slots.append(table[pos // bs] * bs + pos % bs)
+            positions += range(s.start, end)
+            slots += seq.slots(s.start, end, bs)
             if s.sample:
                 sample_idx.append(len(input_ids) - 1)
-                p = seq.params
-                rows.append(SampleRequest(seq.request_id, p,
-                                          seq.token_ids if p.repetition_penalty != 1.0 else ()))
+                rows.append(SampleRequest.of(seq))
         dev = self.device
         meta = AttentionMetadata(
             block_size=bs, slot_mapping=torch.tensor(slots, device=dev), prefills=spans,

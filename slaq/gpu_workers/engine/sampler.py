@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from slaq.gpu_workers.engine.config import SamplingParams
+
+if TYPE_CHECKING:
+    from slaq.gpu_workers.engine.sequence import Sequence
 
 
 @dataclass(slots=True)
@@ -24,6 +28,12 @@ class SampleRequest:
     request_id: str
     params: SamplingParams
     token_ids: Seq[int]
+
+    @classmethod
+    def of(cls, seq: Sequence) -> SampleRequest:
+        """The row for ``seq``'s next token; its history only where a penalty reads it."""
+        p = seq.params
+        return cls(seq.request_id, p, seq.token_ids if p.repetition_penalty != 1.0 else ())
 
 
 @dataclass(slots=True)

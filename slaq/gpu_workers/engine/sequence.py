@@ -77,6 +77,12 @@ class Sequence:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
 
+    def slots(self, start: int, end: int, block_size: int) -> list[int]:
+        """The pool slots (``block * block_size + offset``) of tokens ``[start, end)``."""
+        table = self.block_table
+        return [table[pos // block_size] * block_size + pos % block_size
+                for pos in range(start, end)]
+
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
 

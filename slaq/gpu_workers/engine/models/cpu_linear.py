@@ -16,6 +16,7 @@ takes about 1.2x the weight's bytes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +98,31 @@ def pack_linears(model: nn.Module, row_sizes: tuple[int, ...]) -> int:
     if not mkl_packing_available():
         log.info("MKL packed sgemm unavailable: CPU linears stay unpacked")
         return 0
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and mod.weight.dtype == torch.float32
-               and mod.weight.device.type == "cpu"]
-    for name, mod in targets:
+    return _swap_modules(model, lambda mod: (
+        PackedLinear(mod, row_sizes)
+        if isinstance(mod, nn.Linear) and mod.weight.dtype == torch.float32
+        and mod.weight.device.type == "cpu" else None))
+
+
+def unpack_linears(model: nn.Module) -> int:
+    """Put plain ``nn.Linear`` layers back (sharing the weights); returns how many. For
+    comparing against the unpacked model in one process."""
+    def plain(mod: nn.Module) -> nn.Linear | None:
+        if not isinstance(mod, PackedLinear):
+            return None
+        layer = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                          device="meta")
+        layer.weight, layer.bias = mod.weight, mod.bias
+        return layer
+
+    return _swap_modules(model, plain)
+
+
+def _swap_modules(model: nn.Module, replace: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Replace each submodule for which ``replace`` returns a module; returns how many."""
+    swaps = [(name, new) for name, mod in model.named_modules()
+             if (new := replace(mod)) is not None]
+    for name, new in swaps:
         parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, PackedLinear(mod, row_sizes))
-    return len(targets)
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return len(swaps)
