@@ -6,6 +6,13 @@ takes all requests at once. Rounds alternate which side goes first, so backgroun
 shared machine hits both alike; the JSON has every round's figures and their ratio.
 
     python bench/cpu_engine_vs_hf.py [--rounds 2] [--batch 32] [--new-tokens 128] [--out f]
+        [--with-strict] [--with-unpacked] [--hf-bf16]
+
+Our engine runs its CPU fp32 matmuls in oneDNN's bf16 math mode where the CPU has bf16
+instructions (``EngineConfig.cpu_matmul_precision``, see models/cpu_linear); HF runs with
+torch's defaults (strict fp32). ``--with-strict`` adds our engine in strict fp32 (MKL-packed
+decode linears), ``--hf-bf16`` adds HF under the same bf16 math mode as ours, both in the same
+rounds, so that what the mode gives each side is measured beside the headline.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from slaq.bench.engine import (
     run_hf,
     run_ours,
 )
+from slaq.gpu_workers.engine.models.cpu_linear import fp32_matmul_precision
 
 
 def _run_gather(engine, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -51,8 +59,13 @@ def main() -> None:
                     help="also run our engine with the CPU decode K/V copy off (the gather "
                          "path it replaced), in the same rounds")
     ap.add_argument("--with-unpacked", action="store_true",
-                    help="also run our engine with plain (not MKL-packed) linears, in the same "
-                         "rounds")
+                    help="also run our engine in strict fp32 with plain (not MKL-packed) "
+                         "linears, in the same rounds")
+    ap.add_argument("--with-strict", action="store_true",
+                    help="also run our engine in strict fp32 (MKL-packed decode linears), in "
+                         "the same rounds")
+    ap.add_argument("--hf-bf16", action="store_true",
+                    help="also run HF generate under oneDNN's bf16 math mode, in the same rounds")
     args = ap.parse_args()
     lo, _, hi = args.prompt_len.partition(":")
     cfg = EngineBenchConfig(model=resolve_model(args.model), batch_sizes=(args.batch,),
@@ -61,14 +74,18 @@ def main() -> None:
     hf_model = load_hf(cfg)
     engine = build_engine(cfg, "eager", args.batch, _num_blocks(cfg))
     prompts = _prompts(cfg, args.batch, engine.model_config.vocab_size, cfg.seed + args.batch)
-    plain = None
+    print(json.dumps({"ours_matmul_precision": engine.runner.matmul_precision}), flush=True)
+    variants = {}
+    if args.with_strict:
+        variants["strict"] = build_engine(cfg, "eager", args.batch, _num_blocks(cfg), "ieee")
     if args.with_unpacked:
         from slaq.gpu_workers.engine.models.cpu_linear import unpack_linears
 
-        # Our engine as it ran before the MKL-packed decode matmuls (weights shared).
-        plain = build_engine(cfg, "eager", args.batch, _num_blocks(cfg))
-        unpack_linears(plain.runner.model)
-        run_ours(plain, prompts[:2], 4, "cpu")
+        # Our engine as it ran before the MKL-packed decode matmuls.
+        variants["unpacked"] = build_engine(cfg, "eager", args.batch, _num_blocks(cfg), "ieee")
+        unpack_linears(variants["unpacked"].runner.model)
+    for other in variants.values():
+        run_ours(other, prompts[:2], 4, "cpu")
     run_hf(hf_model, prompts[:2], 2, "cpu")  # warm up both
     run_ours(engine, prompts[:2], 4, "cpu")
     rounds = []
@@ -79,7 +96,11 @@ def main() -> None:
             res[side] = (run_hf(hf_model, prompts, cfg.new_tokens, "cpu") if side == "hf"
                          else run_ours(engine, prompts, cfg.new_tokens, "cpu"))
         gather = _run_gather(engine, prompts, cfg.new_tokens) if args.with_gather else None
-        unpacked = run_ours(plain, prompts, cfg.new_tokens, "cpu") if plain else None
+        extra = {name: run_ours(other, prompts, cfg.new_tokens, "cpu")
+                 for name, other in variants.items()}
+        if args.hf_bf16:
+            with fp32_matmul_precision("bf16"):
+                extra["hf_bf16"] = run_hf(hf_model, prompts, cfg.new_tokens, "cpu")
         rounds.append({
             "order": list(order),
             "hf_tok_per_s": res["hf"]["output_tok_per_s"],
@@ -97,16 +118,22 @@ def main() -> None:
             rounds[-1]["ours_gather_speedup_vs_hf"] = round(
                 gather["output_tok_per_s"] / res["hf"]["output_tok_per_s"], 2)
             rounds[-1]["ours_gather_parity"] = parity(gather["tokens"], res["hf"]["tokens"])
-        if unpacked is not None:
-            rounds[-1]["ours_unpacked_tok_per_s"] = unpacked["output_tok_per_s"]
-            rounds[-1]["ours_unpacked_decode_tok_per_s"] = unpacked["decode_tok_per_s"]
-            rounds[-1]["ours_unpacked_speedup_vs_hf"] = round(
-                unpacked["output_tok_per_s"] / res["hf"]["output_tok_per_s"], 2)
-            rounds[-1]["ours_unpacked_parity"] = parity(unpacked["tokens"], res["hf"]["tokens"])
+        for name, run in extra.items():
+            key = name if name.startswith("hf") else f"ours_{name}"
+            rounds[-1][f"{key}_tok_per_s"] = run["output_tok_per_s"]
+            rounds[-1][f"{key}_seconds"] = run["seconds"]
+            rounds[-1][f"{key}_parity"] = parity(run["tokens"], res["hf"]["tokens"])
+            if name.startswith("hf"):  # ours against HF under the same math mode
+                rounds[-1][f"speedup_vs_{key}"] = round(
+                    res["ours"]["output_tok_per_s"] / run["output_tok_per_s"], 2)
+            else:
+                rounds[-1][f"{key}_speedup_vs_hf"] = round(
+                    run["output_tok_per_s"] / res["hf"]["output_tok_per_s"], 2)
         print(json.dumps(rounds[-1]), flush=True)
     result = {
         "bench": "cpu_engine_vs_hf", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "model": cfg.model, "batch": args.batch,
+        "ours_matmul_precision": engine.runner.matmul_precision,
         "prompt_len": list(cfg.prompt_len), "new_tokens": cfg.new_tokens,
         "rounds": rounds,
         "median_speedup_vs_hf": statistics.median(r["speedup_vs_hf"] for r in rounds),

@@ -143,7 +143,8 @@ def _free_memory(device: str) -> None:
 # -- our engine ---------------------------------------------------------------------------
 
 
-def build_engine(cfg: EngineBenchConfig, runner: str, max_num_seqs: int, num_blocks: int) -> Any:
+def build_engine(cfg: EngineBenchConfig, runner: str, max_num_seqs: int, num_blocks: int,
+                 cpu_matmul_precision: str = "bf16") -> Any:
     from slaq.gpu_workers.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from slaq.gpu_workers.engine.llm_engine import LLMEngine
     from slaq.gpu_workers.engine.loader import load_model_config
@@ -158,7 +159,7 @@ def build_engine(cfg: EngineBenchConfig, runner: str, max_num_seqs: int, num_blo
                                   max_model_len=max_len),
         cache=CacheConfig(block_size=cfg.block_size, num_blocks=num_blocks,
                           enable_prefix_caching=False),
-        use_cuda_graphs=runner.startswith("graphs"),
+        use_cuda_graphs=runner.startswith("graphs"), cpu_matmul_precision=cpu_matmul_precision,
         **({"fuse_layer_ops": False, "async_output": False} if runner == "graphs-plain"
            else {}))
     if runner == "eager":

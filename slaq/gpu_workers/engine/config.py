@@ -121,8 +121,14 @@ class EngineConfig:
     async_output: bool | None = None
     # On CUDA, fuse each layer's element-wise ops with torch.compile (see models/layer_ops).
     fuse_layer_ops: bool = True
+    # CPU fp32: "bf16" runs matmuls in oneDNN's bf16 math mode where the CPU has bf16
+    # instructions (fp32 in and out, ~2x MKL; see models/cpu_linear); "ieee" keeps MKL sgemm.
+    cpu_matmul_precision: str = "bf16"
 
     def __post_init__(self) -> None:
+        if self.cpu_matmul_precision not in ("ieee", "bf16"):
+            raise ValueError("cpu_matmul_precision must be 'ieee' or 'bf16', "
+                             f"got {self.cpu_matmul_precision!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):

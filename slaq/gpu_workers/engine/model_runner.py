@@ -23,7 +23,12 @@ from slaq.gpu_workers.engine.decode_cache import DecodeKVCache
 from slaq.gpu_workers.engine.kv_pool import allocate_pool, open_shm_pool, unlink_shm_pool
 from slaq.gpu_workers.engine.loader import load_model, load_model_config, torch_dtype
 from slaq.gpu_workers.engine.models import ModelConfig
-from slaq.gpu_workers.engine.models.cpu_linear import pack_linears, packed_row_sizes
+from slaq.gpu_workers.engine.models.cpu_linear import (
+    bf16_linears,
+    bf16_matmul_available,
+    pack_linears,
+    packed_row_sizes,
+)
 from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from slaq.gpu_workers.engine.sampler import Sampler, SampleRequest
 
@@ -54,10 +59,17 @@ class ModelRunner:
         self.max_model_len = config.scheduler.max_model_len
         self.model = load_model(config.model, self.model_config, self.device, self.dtype)
         self.model.rotary.build(self.max_model_len, self.device, self.dtype)
+        # CPU fp32 linears: oneDNN's bf16 math mode where the CPU has it (about 2x MKL at
+        # every row count, so no packing), else decode-sized matmuls without MKL re-packing the
+        # weights on every call (5-10% of a whole CPU benchmark run). See models/cpu_linear.
+        self.matmul_precision: str | None = None
         if self.device.type == "cpu" and self.dtype == torch.float32:
-            # Decode-sized matmuls without MKL re-packing the weights on every call
-            # (cpu_linear; 5-10% of a whole CPU benchmark run, measured beside plain layers).
-            pack_linears(self.model, packed_row_sizes(config.scheduler.max_num_seqs))
+            if config.cpu_matmul_precision == "bf16" and bf16_matmul_available():
+                self.matmul_precision = "bf16"
+                bf16_linears(self.model)
+            else:
+                self.matmul_precision = "ieee"
+                pack_linears(self.model, packed_row_sizes(config.scheduler.max_num_seqs))
         self.backend = get_attention_backend(self.device)
         self.sampler = Sampler(self.device)
         self.num_blocks = config.cache.num_blocks or self._blocks_from_memory()

@@ -1,4 +1,5 @@
-"""MKL-prepacked fp32 linears (models/cpu_linear) against F.linear and the unpacked model."""
+"""Fast CPU fp32 matmuls (models/cpu_linear): oneDNN's bf16 math mode keeps fp32 accuracy;
+MKL-prepacked linears against F.linear and the unpacked model."""
 
 from __future__ import annotations
 
@@ -9,13 +10,50 @@ from torch import nn
 
 from slaq.gpu_workers.engine.loader import load_model, load_model_config
 from slaq.gpu_workers.engine.models.cpu_linear import (
+    Bf16MathLinear,
     PackedLinear,
+    bf16_linears,
+    bf16_matmul_available,
+    fp32_matmul_precision,
     mkl_packing_available,
     pack_linears,
     packed_row_sizes,
+    unpack_linears,
 )
 
 needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="torch built without MKL")
+needs_bf16 = pytest.mark.skipif(not bf16_matmul_available(),
+                                reason="no oneDNN or no bf16 instructions on this CPU")
+
+
+def test_the_precision_mode_is_scoped_and_validated():
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    with pytest.raises(KeyError), fp32_matmul_precision("bf16"):
+        assert matmul.fp32_precision == "bf16"
+        raise KeyError("an error inside the block still restores the mode")
+    assert matmul.fp32_precision == before
+    with pytest.raises(ValueError), fp32_matmul_precision("tf32"):
+        pass
+    assert matmul.fp32_precision == before
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [1, 32, 600])
+def test_bf16_math_mode_keeps_fp32_accuracy(rows):
+    """fp32 in and out, errors of fp32's order: rounding the inputs to bf16 instead would be
+    about 2e-3 of the output's scale, strict fp32 is about 5e-7."""
+    torch.manual_seed(0)
+    w = torch.randn(1536, 576) * 0.05
+    x = torch.randn(rows, 576)
+    ref = x.double() @ w.double().T
+    with fp32_matmul_precision("bf16"):
+        got = F.linear(x, w)
+    assert got.dtype == torch.float32
+    rounded = x.bfloat16().double() @ w.bfloat16().double().T
+    scale = ref.abs().max()
+    assert (rounded - ref).abs().max() / scale > 1e-3  # what plain bf16 would cost
+    assert (got.double() - ref).abs().max() / scale < 1e-5
 
 
 def test_row_sizes_cover_a_full_decode_batch():
@@ -52,6 +90,34 @@ def test_padding_rows_do_not_leak_into_real_rows():
         full = packed(x)
         for rows in (1, 7, 20):  # the same rows, padded with zeros instead of real data
             torch.testing.assert_close(packed(x[:rows]), full[:rows], rtol=1e-6, atol=1e-6)
+
+
+@needs_bf16
+def test_bf16_math_model_matches_the_strict_one(tiny_model_path):
+    mc = load_model_config(tiny_model_path)
+    plain = load_model(tiny_model_path, mc, "cpu", torch.float32)
+    fast = load_model(tiny_model_path, mc, "cpu", torch.float32)
+    assert bf16_linears(fast) == 4 * mc.num_layers + 1
+    assert all(type(m) is not nn.Linear for m in fast.modules())
+    if mc.tie_word_embeddings:
+        assert fast.lm_head.weight is fast.embed_tokens.weight
+    assert isinstance(fast.lm_head, Bf16MathLinear)
+    hidden = torch.randn(12, mc.hidden_size)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.compute_logits(hidden), plain.compute_logits(hidden),
+                                   rtol=1e-5, atol=1e-5)
+    assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"  # set only inside a layer
+    assert unpack_linears(fast) == 4 * mc.num_layers + 1
+    assert not any(isinstance(m, Bf16MathLinear) for m in fast.modules())
+
+
+def test_a_single_row_stays_on_the_strict_path():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 96)
+    fast = Bf16MathLinear(layer)
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        assert torch.equal(fast(x), F.linear(x, layer.weight, layer.bias))
 
 
 @needs_mkl

@@ -208,3 +208,28 @@ def test_cuda_engine_batches_like_one_at_a_time(make_engine, tiny_prompts, dtype
     if dtype == "float32":
         cpu = make_engine()
         assert [c.token_ids for c in cpu.generate(tiny_prompts, greedy)] == alone
+
+
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+def test_both_cpu_matmul_precisions_decode_hf_greedy(tiny_model_path, tiny_hf, tiny_prompts,
+                                                     precision):
+    from slaq.gpu_workers.engine.models.cpu_linear import (
+        Bf16MathLinear,
+        PackedLinear,
+        bf16_matmul_available,
+    )
+
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    runner = ModelRunner(engine_config(tiny_model_path, num_blocks=64, block_size=BS,
+                                       cpu_matmul_precision=precision))
+    bf16 = precision == "bf16" and bf16_matmul_available()
+    assert runner.matmul_precision == ("bf16" if bf16 else "ieee")
+    # bf16 math mode replaces the MKL packings (it is faster at decode sizes too).
+    assert any(isinstance(m, PackedLinear) for m in runner.model.modules()) != bf16
+    assert any(isinstance(m, Bf16MathLinear) for m in runner.model.modules()) == bf16
+    for i, prompt in enumerate(tiny_prompts[:3]):
+        seq = _seq(f"p{i}", prompt, range(i * 20, i * 20 + 20))
+        assert _decode_loop(runner, seq, 12) == hf_greedy(tiny_hf, prompt, 12)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before  # only inside the linears
+    with pytest.raises(ValueError):
+        EngineConfig(model=str(tiny_model_path), cpu_matmul_precision="tf32")
