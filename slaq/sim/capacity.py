@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from slaq.gpu_workers.engine.cost_model import CostProfile
 from slaq.platform.policy import PolicyConfig
+from slaq.platform.tiers import TIER_NAMES, TierTable
 from slaq.sim.traces import Trace
 
 
@@ -63,3 +64,32 @@ def policy_config_for(preset: str, cost: WorkloadCost, **overrides) -> PolicyCon
     decode = cost.mean_output / cost.decode_s
     return PolicyConfig.preset(preset, prefill_capacity_tok_s=prefill,
                                decode_capacity_tok_s=decode, **overrides)
+
+
+def infeasible_shares(trace: Trace, profile: CostProfile, tiers: TierTable,
+                      ways: tuple[int, ...], prefill_chunk: int | None = None
+                      ) -> dict[str, dict[int, float]]:
+    """Per tier of the trace, per ``k`` in ``ways``: the share of its requests whose prompt
+    alone takes longer than the tier's TTFT target even when ``k`` idle replicas prefill it
+    together with perfect scaling (``prefill_time / k``: context parallelism at no cost).
+
+    No scheduler can meet those TTFTs, so ``1 - share`` bounds the tier's TTFT attainment
+    from above; ``k = 1`` is the report's "infeasible" column.
+    """
+    if not ways or min(ways) < 1:
+        raise ValueError("ways must be integers >= 1")
+    seconds: dict[int, float] = {}
+    out: dict[str, dict[int, float]] = {}
+    for name in TIER_NAMES:
+        reqs = [r for r in trace.requests if r.tier == name]
+        if not reqs:
+            continue
+        target_s = tiers[name].ttft_ms / 1000.0
+        times = []
+        for r in reqs:
+            n = r.num_prompt_tokens
+            if n not in seconds:
+                seconds[n] = profile.prefill_time(n, prefill_chunk)
+            times.append(seconds[n])
+        out[name] = {k: sum(1 for t in times if t / k > target_s) / len(times) for k in ways}
+    return out

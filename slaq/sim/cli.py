@@ -113,6 +113,46 @@ def _ints(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
+@sim.command("feasibility")
+@click.option("--trace", "trace_path", default=DEFAULT_TRACE, show_default=True,
+              help="Mooncake .jsonl or Azure .csv trace.")
+@click.option("--profile", default="llama-8b-h100", show_default=True)
+@click.option("--ways", default="1,2,4,5,8", show_default=True,
+              help="Replicas prefilling one prompt together (perfect scaling).")
+@click.option("--chunk", default=8192, show_default=True, type=click.IntRange(1),
+              help="Prefill chunk (tokens per step).")
+@click.option("--prompt-scale", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int, help="Tier draw.")
+@click.option("--tiers-file", default=None, type=click.Path(exists=True, dir_okay=False))
+def feasibility_cmd(trace_path: str, profile: str, ways: str, chunk: int, prompt_scale: float,
+                    seed: int, tiers_file: str | None) -> None:
+    """Per tier: the share of requests no scheduler can serve within the TTFT target, even
+    with k idle replicas prefilling each prompt together (a ceiling on TTFT attainment)."""
+    from slaq.gpu_workers.engine.cost_model import get_profile
+    from slaq.platform.tiers import TierTable
+    from slaq.sim.capacity import infeasible_shares
+    from slaq.sim.traces import assign_tiers, load_trace, scale_tokens
+
+    ks = _ints(ways)
+    if not ks or min(ks) < 1:
+        raise click.BadParameter("expected integers >= 1", param_hint="--ways")
+    trace = load_trace(trace_path)
+    if prompt_scale != 1.0:
+        trace = scale_tokens(trace, prompt_factor=prompt_scale)
+    trace = assign_tiers(trace, seed=seed)
+    tiers = TierTable.from_file(tiers_file)
+    shares = infeasible_shares(trace, get_profile(profile), tiers, ks, chunk)
+    click.echo(json.dumps({
+        "trace": trace.name, "profile": profile, "num_requests": len(trace.requests),
+        "chunk": chunk, "seed": seed,
+        "ttft_target_ms": {t: tiers[t].ttft_ms for t in shares},
+        "infeasible_share": {t: {str(k): round(v, 4) for k, v in by_k.items()}
+                             for t, by_k in shares.items()},
+        "attainment_ceiling": {t: {str(k): round(1 - v, 4) for k, v in by_k.items()}
+                               for t, by_k in shares.items()},
+    }, indent=2))
+
+
 @sim.command("calibrate")
 @click.option("--model", "model_path", default=None,
               help="HF-style model directory to measure (or a model-store name).")

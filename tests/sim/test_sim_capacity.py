@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from slaq.gpu_workers.engine.cost_model import get_profile
+from slaq.platform.tiers import TierTable
 from slaq.sim.capacity import (
     WorkloadCost,
+    infeasible_shares,
     policy_config_for,
     split_workers,
     sustainable_rate,
@@ -48,3 +50,23 @@ def test_policy_capacities_come_from_the_cost_model():
     assert cfg.decode_capacity_tok_s == pytest.approx(10_000)
     assert cfg.admission_margin == 0.8 and cfg.enable_admission
     assert not policy_config_for("fifo", cost).enable_admission
+
+
+def test_infeasible_shares_bound_ttft_attainment_per_tier_and_ways():
+    tiers = TierTable()  # priority 1 s, default 3 s
+    lengths = (1_000, 30_000, 60_000, 120_000)
+    reqs = [TraceRequest(float(i), n, 10, tier=t)
+            for i, (n, t) in enumerate((n, t) for t in ("priority", "default") for n in lengths)]
+    shares = infeasible_shares(Trace("t", tuple(reqs)), H100, tiers, (1, 2, 8))
+    assert set(shares) == {"priority", "default"}  # tiers the trace holds
+    for tier, by_k in shares.items():
+        target = tiers[tier].ttft_ms / 1000
+        for k, share in by_k.items():
+            slow = sum(1 for n in lengths if H100.prefill_time(n) / k > target)
+            assert share == pytest.approx(slow / len(lengths))
+        assert by_k[1] >= by_k[2] >= by_k[8]
+    # The 120k-token prompt misses 1 s on one replica; the 1k one never misses.
+    assert 0 < shares["priority"][8] <= shares["priority"][1] < 1
+    assert shares["priority"][1] > shares["default"][1]
+    with pytest.raises(ValueError):
+        infeasible_shares(Trace("t", tuple(reqs)), H100, tiers, (0,))

@@ -51,3 +51,22 @@ def test_calibrate_command_fits_our_engine(tiny_model_path):
     assert profile["num_samples"] >= 9 * 8  # 3 lengths x 3 batch sizes, 8 tokens each
     for key in ("mfu", "attn_eff", "bw_eff"):
         assert 0 < profile[key] <= 1
+
+
+def test_feasibility_command_reports_a_ceiling_per_tier(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    rows = [{"timestamp": 1000 * i, "input_length": n, "output_length": 8, "hash_ids": []}
+            for i, n in enumerate([500, 2_000, 150_000] * 20)]
+    trace.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    runner = CliRunner()
+    out = runner.invoke(sim, ["feasibility", "--trace", str(trace), "--ways", "1,8"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["num_requests"] == 60
+    for tier, by_k in data["infeasible_share"].items():
+        assert by_k["1"] >= by_k["8"]
+        assert data["attainment_ceiling"][tier]["1"] == pytest.approx(1 - by_k["1"])
+    assert data["infeasible_share"]["priority"]["1"] > 0  # the 150k-token prompts
+    assert data["infeasible_share"]["batch"]["1"] == 0
+    bad = runner.invoke(sim, ["feasibility", "--trace", str(trace), "--ways", "0"])
+    assert bad.exit_code != 0 and "--ways" in bad.output
