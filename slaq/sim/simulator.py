@@ -18,6 +18,11 @@ prefilled request goes to the decode worker the live router would pick
 :func:`slaq.platform.affinity.choose_affine_worker` on the prompt's chain hashes and the
 decode workers' heartbeats, which carry ``BlockManager.prefix_summary()``); that worker pins
 the prompt's leading cached blocks and the transfer is charged only for the rest.
+
+Leases end as in the live stack: a decode worker holds one ticket per engine seat, and a
+ticket pulls the KV (releasing the prefill worker's lease) as soon as it arrives, then waits
+in the worker's tier-ordered queue for blocks (``SimWorker.take_pulls``). Only a hand-off
+beyond the seats keeps its lease until a seat frees.
 """
 
 from __future__ import annotations
@@ -391,6 +396,9 @@ class Simulator:
         if w.pulls:
             self._pull(w)
         for h in w.admit_pending():
+            if not h.pulled:
+                self._release_lease(h)
+        for h in w.take_pulls():
             self._release_lease(h)
         dt = w.start_step()
         if dt is not None:

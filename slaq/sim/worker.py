@@ -34,6 +34,9 @@ class Handoff:
     seq: Sequence  # the decode-side sequence: prompt + first token, no blocks
     prefill_worker: str
     ready_s: float
+    # Its KV was pulled into the decode worker's host memory, so the prefill worker's lease
+    # is released (the live decode task pulls as soon as it holds the ticket, then waits).
+    pulled: bool = False
 
 
 class SimWorker:
@@ -115,6 +118,23 @@ class SimWorker:
             if not freed or not sched.can_add_prefilled(self.pending[0].seq):
                 return done  # it never fits (as without pins)
         return done
+
+    def take_pulls(self) -> list[Handoff]:
+        """Waiting transfers that now hold a decode ticket seat, and so pull their KV; marks
+        and returns them. Live, a decode worker runs one ticket per engine seat
+        (``max_num_seqs``): a ticket pulls at once and then waits for room in the engine,
+        so running plus pulled-and-waiting never exceeds the seats."""
+        seats = (self.scheduler.config.max_num_seqs - self.scheduler.num_running
+                 - sum(1 for h in self.pending if h.pulled))
+        pulled = []
+        for h in self.pending:  # tier order: the decode queue hands out its most urgent first
+            if seats <= 0:
+                break
+            if not h.pulled:
+                h.pulled = True
+                seats -= 1
+                pulled.append(h)
+        return pulled
 
     def _admit(self, h: Handoff) -> Handoff:
         try:

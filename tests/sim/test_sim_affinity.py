@@ -220,3 +220,25 @@ def test_cli_switch_compares_with_and_without_in_one_invocation(tmp_path):
     assert data["runs"][0]["kv_blocks_moved_per_handoff"] == off["kv_blocks_moved_per_handoff"]
     bad = CliRunner().invoke(sim, [*args, "--runs", "slaq-nope", "--out", str(tmp_path)])
     assert bad.exit_code != 0
+
+
+def test_waiting_hand_offs_pull_while_the_worker_has_ticket_seats():
+    """A live decode worker runs one ticket per engine seat; a ticket pulls the KV (ending
+    the prefill worker's lease) at once and then waits for blocks. 8 seats here."""
+    w = small_worker(12)  # room for 3 of these hand-offs (4 blocks each)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+
+    def handoff(rid: str) -> Handoff:
+        return Handoff(Sequence(rid, list(range(60)), params, output_token_ids=[1]),
+                       "prefill-0", 0.0)
+
+    w.pending.extend(handoff(f"h{i}") for i in range(10))
+    admitted = w.admit_pending()
+    assert [h.seq.request_id for h in admitted] == ["h0", "h1", "h2"]  # KV for 3
+    pulled = w.take_pulls()  # 3 running + 5 pulled and waiting = the 8 seats
+    assert [h.seq.request_id for h in pulled] == ["h3", "h4", "h5", "h6", "h7"]
+    assert w.take_pulls() == []  # idempotent: nothing new until a seat frees
+    assert [h.pulled for h in w.pending] == [True] * 5 + [False] * 2
+    w.scheduler.finish("h0", "stop")  # a running request ends: one seat for the next ticket
+    assert [h.seq.request_id for h in w.take_pulls()] == ["h8"]
+    w.scheduler.check_integrity()
