@@ -8,8 +8,8 @@ Only the linear layers take it: oneDNN copies strided operands first, so the dec
 attention's batched matmuls over views of the K/V copy ran 2.5x slower under it (1.10 ms
 against 0.45 ms for 32 rows of 400 keys).
 On the 2-core AVX512-BF16 development machine (torch 2.13) the model's projections ran about
-2x faster than MKL ``sgemm`` at every row count from 32 to 2048 (the 49152x576 LM head at 32
-rows: 7.3 ms against 16.3 packed), with a largest error of about 1.1e-6 of the output's scale
+2x faster than MKL ``sgemm`` at row counts from 32 to 2048, and faster from 2 rows on (the
+49152x576 LM head at 32 rows: 7.3 ms against 16.3 packed), with a largest error of about 1.1e-6 of the output's scale
 against fp64, where strict fp32 gives 5e-7 (plain bf16 inputs give 2.5e-3; the tests check
 the bound). :func:`bf16_matmul_available` says where it applies; elsewhere, or with
 ``EngineConfig.cpu_matmul_precision="ieee"``, the packed layers below are used.
@@ -55,7 +55,9 @@ def fp32_matmul_precision(precision: str) -> Iterator[None]:
     """oneDNN's fp32 matmul precision (``"ieee"`` or ``"bf16"``) inside the block.
 
     The setting is process-wide: the previous value comes back on exit, so code running
-    after the block (an HF baseline in a benchmark) computes as before."""
+    after the block (an HF baseline in a benchmark) computes as before. A matmul another
+    thread runs meanwhile takes the mode too; both modes keep fp32 accuracy, so only its speed
+    can change."""
     if precision not in ("ieee", "bf16"):
         raise ValueError(f"precision must be 'ieee' or 'bf16', got {precision!r}")
     matmul = torch.backends.mkldnn.matmul
