@@ -21,7 +21,7 @@ from slaq.gpu_workers.engine.block_manager import BlockManager
 from slaq.gpu_workers.engine.config import SchedulerConfig
 from slaq.gpu_workers.engine.cost_model import CostProfile
 from slaq.gpu_workers.engine.outputs import RunnerOutput, SchedulerOutput
-from slaq.gpu_workers.engine.scheduler import Scheduler
+from slaq.gpu_workers.engine.scheduler import NoRoomError, Scheduler
 from slaq.gpu_workers.engine.sequence import Sequence
 from slaq.gpu_workers.engine.sim_runner import SimRunner
 from slaq.platform.pressure import Heartbeat
@@ -89,23 +89,24 @@ class SimWorker:
         self.unstarted_tokens += seq.num_prompt_tokens
 
     def admit_pending(self) -> list[Handoff]:
-        """Move transfers that now fit into the running batch; returns those admitted."""
+        """Move transfers that now fit into the running batch; returns those admitted. As the
+        live engine loop: the head is offered to ``Scheduler.add_prefilled``, which may
+        preempt less important running sequences for it."""
         done = []
         sched = self.scheduler
         while self.pending:
-            if sched.can_add_prefilled(self.pending[0].seq):
-                done.append(self._admit(self.pending.popleft()))
+            if self._try_admit(self.pending[0]):
+                done.append(self.pending.popleft())
                 continue
             if sched.num_running or sched.num_waiting:
                 return done  # running requests will free room
             # Nothing runs (the engine loop's rule). Blocks pinned for hand-offs queued behind
             # may be what the head lacks: one of them that fits goes first and gives them
             # back when it finishes; pins of transfers still in flight end when they arrive.
-            behind = next((h for h in list(self.pending)[1:]
-                           if sched.can_add_prefilled(h.seq)), None)
+            behind = next((h for h in list(self.pending)[1:] if self._try_admit(h)), None)
             if behind is not None:
                 self.pending.remove(behind)
-                done.append(self._admit(behind))
+                done.append(behind)
                 continue
             waiting = {h.seq.request_id for h in self.pending}
             if self.block_manager.pinned_keys() - waiting:
@@ -136,13 +137,16 @@ class SimWorker:
                 pulled.append(h)
         return pulled
 
-    def _admit(self, h: Handoff) -> Handoff:
+    def _try_admit(self, h: Handoff) -> bool:
+        """``Scheduler.add_prefilled``; False (pins kept, it waits) when there is no room."""
         try:
             self.scheduler.add_prefilled(h.seq)
+        except NoRoomError:
+            return False
         except BaseException:
             self.release_prefix(h.seq.request_id)  # keep pins balanced on every path
             raise
-        return h
+        return True
 
     def reserve_prefix(self, request_id: str, prompt_token_ids: list[int]) -> int:
         """Pin the prompt's leading cached blocks for a hand-off coming here (as

@@ -20,6 +20,11 @@ seat budget (``max_num_seqs``) in this order:
    then take the rest of the budget. A waiting sequence may preempt running ones of a
    strictly less important rank to get in (``preempt_for_priority``).
 
+A hand-off (:meth:`Scheduler.add_prefilled`, between steps) follows the same rule: it may
+preempt running sequences of a strictly less important rank when they can make its room, and
+it is not admitted while a preempted sequence of a more important rank waits (that one would
+preempt it at the next step).
+
 Preempted sequences keep their tokens, lose their KV and go back to the front of their rank
 in the waiting queue; they are recomputed as one prefill over prompt + generated tokens.
 
@@ -144,8 +149,10 @@ class Scheduler:
         reported as cache hits (for usage).
         Returns the block ids that must receive the transferred KV, in order, before the next
         :meth:`schedule`: those after the pinned ones up to token ``num_tokens - 1``.
-        Raises ValueError for a sequence with nothing left to generate (or pins that are not
-        its prefix) and :class:`NoRoomError` when :meth:`can_add_prefilled` is False.
+        When it does not fit, running sequences of a strictly less important rank are
+        preempted for it (``preempt_for_priority``), as for a waiting admission, if they can
+        make the room. Raises ValueError for a sequence with nothing left to generate (or
+        pins that are not its prefix) and :class:`NoRoomError` when there is no room.
         """
         if seq.request_id in self._seqs:
             raise ValueError(f"request {seq.request_id!r} is already scheduled")
@@ -156,7 +163,7 @@ class Scheduler:
             or seq.num_tokens >= self.config.max_model_len
         ):
             raise ValueError(f"request {seq.request_id!r} has nothing left to generate")
-        if not self.can_add_prefilled(seq):
+        if not self.can_add_prefilled(seq) and not self._make_room_for_prefilled(seq):
             raise NoRoomError(f"no seat or KV blocks for {seq.request_id!r}")
         blocks = self.block_manager.allocate_prefilled(seq, seq.num_tokens - 1)
         self._register(seq)
@@ -173,7 +180,13 @@ class Scheduler:
         return (
             len(self._running) < self.config.max_num_seqs
             and num_new <= bm.num_free_blocks
+            and not self._waits_for_more_important(seq)
         )
+
+    def _waits_for_more_important(self, seq: Sequence) -> bool:
+        """A waiting sequence (a preempted one, on a decode worker) of a more important rank
+        goes first: admitted before it, ``seq`` would be preempted by it at the next step."""
+        return bool(self._num_waiting) and self._peek_waiting().rank < seq.rank
 
     def finish(self, request_id: str, reason: str) -> Sequence | None:
         """End a sequence wherever it is (waiting, running or leased) and free its blocks.
@@ -395,19 +408,7 @@ class Scheduler:
         bm = self.block_manager
         if self._fits(seq):
             return 0
-        if not self.preempt_for_priority:
-            return None
-        # Preempt only when the eligible victims can actually make the room; count the blocks
-        # only they hold (a shared block stays in use when one of its holders goes).
-        need_seat = len(self._running) >= self.config.max_num_seqs
-        short = max(0, bm.num_blocks_to_allocate(seq) - bm.num_free_blocks)
-        freeable, num_victims = 0, 0
-        for victim in reversed(self._running):
-            if victim.rank <= seq.rank or (freeable >= short and num_victims >= need_seat):
-                break
-            freeable += bm.num_exclusive_blocks(victim)
-            num_victims += 1
-        if num_victims < need_seat or freeable < short or num_victims == 0:
+        if not self._victims_make_room(seq, bm.num_blocks_to_allocate(seq)):
             return None
         refund = 0
         while not self._fits(seq):
@@ -421,6 +422,37 @@ class Scheduler:
                     break
             self._preempt(victim, out)
         return refund
+
+    def _make_room_for_prefilled(self, seq: Sequence) -> bool:
+        """Preempt for a hand-off as :meth:`_make_room` does for a waiting sequence; whether
+        it now fits. Nothing is preempted when the victims cannot make the room."""
+        bm = self.block_manager
+        num_new = bm.num_blocks_for(seq.num_tokens) - bm.num_pinned(seq.request_id)
+        if self._waits_for_more_important(seq) or not self._victims_make_room(seq, num_new):
+            return False
+        while not self.can_add_prefilled(seq):
+            if not self._running or self._running[-1].rank <= seq.rank:
+                return False  # estimate was off (shared blocks); the victims wait to rerun
+            self._preempt(self._running[-1], None)
+        return True
+
+    def _victims_make_room(self, seq: Sequence, num_new_blocks: int) -> bool:
+        """Whether preempting running sequences of a strictly less important rank than
+        ``seq`` (least important, most recent first) frees the seat and ``num_new_blocks``
+        it needs. Counts only the blocks the victims hold alone: a shared block stays in use
+        when one of its holders goes."""
+        if not self.preempt_for_priority:
+            return False
+        bm = self.block_manager
+        need_seat = len(self._running) >= self.config.max_num_seqs
+        short = max(0, num_new_blocks - bm.num_free_blocks)
+        freeable, num_victims = 0, 0
+        for victim in reversed(self._running):
+            if victim.rank <= seq.rank or (freeable >= short and num_victims >= need_seat):
+                break
+            freeable += bm.num_exclusive_blocks(victim)
+            num_victims += 1
+        return num_victims > 0 and num_victims >= need_seat and freeable >= short
 
     def _chunk_size(self, left: int, budget: int) -> int:
         if self.config.enable_chunked_prefill:
@@ -447,12 +479,15 @@ class Scheduler:
         bm = self.block_manager
         return bm.num_blocks_for(num_tokens) > bm.num_blocks
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def _preempt(self, seq: Sequence, out: SchedulerOutput | None) -> None:
+        """Requeue ``seq`` for recompute; ``out``: the step being built (None between
+        steps, for a hand-off)."""
         self._running.remove(seq)
         self.block_manager.free(seq)
         seq.reset_for_recompute()
         self._push_waiting(seq, front=True)
-        out.preempted_ids.append(seq.request_id)
+        if out is not None:
+            out.preempted_ids.append(seq.request_id)
         self.num_preemptions += 1
 
     def _prefill_key(self, seq: Sequence) -> tuple[int, int, float, int]:

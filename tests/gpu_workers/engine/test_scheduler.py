@@ -684,3 +684,68 @@ def test_a_yielded_prefill_takes_the_budget_when_the_waiting_head_does_not_fit()
     run = run_all(sched)
     assert {s.request_id for s in run.finished} == {"batch", "vip"}
     assert sched.block_manager.num_used_blocks == 0
+
+
+def _handoff(request_id: str, num_prompt: int, max_tokens: int, rank: int = 1) -> Sequence:
+    """A prefilled sequence as a decode worker receives it: prompt plus its first token."""
+    seq = make_seq(request_id, num_prompt=num_prompt, max_tokens=max_tokens, rank=rank)
+    seq.append_token(fake_token(seq))
+    return seq
+
+
+def _alone(seq: Sequence) -> list[int]:
+    """The tokens ``seq`` gets decoded on a roomy pool of its own (a fresh copy)."""
+    sched = make_sched(num_blocks=64)
+    sched.add_prefilled(_handoff(seq.request_id, seq.num_prompt_tokens, seq.params.max_tokens,
+                                 seq.rank))
+    (done,) = run_all(sched).finished
+    return done.output_token_ids
+
+
+def test_a_hand_off_preempts_less_important_running_sequences_for_room() -> None:
+    sched = make_sched(num_blocks=8, max_num_seqs=4)
+    low = _handoff("low", 15, 8, rank=3)  # 4 blocks now, 6 at the end
+    mid = _handoff("mid", 7, 4, rank=1)  # 2 blocks
+    for seq in (low, mid):
+        sched.add_prefilled(seq)
+    step(sched)
+    urgent = _handoff("urgent", 11, 4, rank=0)  # 3 blocks: only low's can make them
+    assert not sched.can_add_prefilled(urgent)
+    sched.add_prefilled(urgent)
+    sched.check_integrity()
+    assert sched.num_preemptions == 1 and low.status is SequenceStatus.WAITING
+    assert mid.status is SequenceStatus.RUNNING  # just enough victims, least important first
+    run = run_all(sched)
+    for seq in (low, mid, urgent):  # the victim recomputes: same tokens as alone
+        assert seq.output_token_ids == _alone(seq)
+    assert {s.request_id for s in run.finished} == {"low", "mid", "urgent"}
+
+
+def test_a_hand_off_preempts_no_equal_tier_and_nothing_in_vain() -> None:
+    sched = make_sched(num_blocks=6, max_num_seqs=4)
+    sched.add_prefilled(_handoff("a", 15, 4, rank=1))  # 4 blocks
+    sched.add_prefilled(_handoff("b", 3, 4, rank=2))  # 1 block; 1 left free
+    same = _handoff("same", 11, 4, rank=1)  # 3 blocks: b's would not do, a is its tier
+    with pytest.raises(NoRoomError):
+        sched.add_prefilled(same)
+    assert sched.num_preemptions == 0 and sched.num_running == 2
+    higher = _handoff("higher", 11, 4, rank=0)  # a and b together make the room
+    sched.add_prefilled(higher)
+    assert sched.num_preemptions == 2 and sched.num_waiting == 2
+    sched.check_integrity()
+
+
+def test_a_hand_off_waits_behind_a_more_important_preempted_sequence() -> None:
+    sched = make_sched(num_blocks=8, max_num_seqs=4)
+    sched.add_prefilled(_handoff("flex", 15, 8, rank=2))  # 4 blocks
+    sched.add_prefilled(_handoff("default", 7, 8, rank=1))  # 2 blocks
+    sched.add_prefilled(_handoff("priority", 7, 4, rank=0))  # 2 blocks: the pool is full
+    # default needs a block at token 9: it preempts flex (it cannot preempt priority)...
+    for _ in range(3):
+        step(sched)
+    assert sched.num_preemptions >= 1 and sched.num_waiting == 1
+    # ...and a batch hand-off must not overtake flex's recompute: flex would preempt it.
+    batch = _handoff("batch", 3, 4, rank=3)
+    assert not sched.can_add_prefilled(batch)
+    flex_again = _handoff("flex2", 3, 4, rank=2)  # the same tier as the waiting one may go
+    assert sched.can_add_prefilled(flex_again) == (sched.block_manager.num_free_blocks >= 1)
