@@ -133,15 +133,15 @@ def feasibility_cmd(trace_path: str, profile: str, ways: str, chunk: int, prompt
     from slaq.sim.capacity import infeasible_shares
     from slaq.sim.traces import assign_tiers, load_trace, scale_tokens
 
-    ks = _ints(ways)
-    if not ks or min(ks) < 1:
-        raise click.BadParameter("expected integers >= 1", param_hint="--ways")
     trace = load_trace(trace_path)
     if prompt_scale != 1.0:
         trace = scale_tokens(trace, prompt_factor=prompt_scale)
     trace = assign_tiers(trace, seed=seed)
     tiers = TierTable.from_file(tiers_file)
-    shares = infeasible_shares(trace, get_profile(profile), tiers, ks, chunk)
+    try:
+        shares = infeasible_shares(trace, get_profile(profile), tiers, _ints(ways), chunk)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ways") from None
     click.echo(json.dumps({
         "trace": trace.name, "profile": profile, "num_requests": len(trace.requests),
         "chunk": chunk, "seed": seed,

@@ -25,7 +25,6 @@ from slaq.gpu_workers.engine.loader import load_model, load_model_config, torch_
 from slaq.gpu_workers.engine.models import ModelConfig
 from slaq.gpu_workers.engine.models.cpu_linear import (
     bf16_linears,
-    bf16_matmul_available,
     pack_linears,
     packed_row_sizes,
 )
@@ -64,9 +63,8 @@ class ModelRunner:
         # weights on every call (5-10% of a whole CPU benchmark run). See models/cpu_linear.
         self.matmul_precision: str | None = None
         if self.device.type == "cpu" and self.dtype == torch.float32:
-            if config.cpu_matmul_precision == "bf16" and bf16_matmul_available():
+            if config.cpu_matmul_precision == "bf16" and bf16_linears(self.model):
                 self.matmul_precision = "bf16"
-                bf16_linears(self.model)
             else:
                 self.matmul_precision = "ieee"
                 pack_linears(self.model, packed_row_sizes(config.scheduler.max_num_seqs))

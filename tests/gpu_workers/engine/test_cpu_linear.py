@@ -34,7 +34,7 @@ def test_the_precision_mode_is_scoped_and_validated():
         raise KeyError("an error inside the block still restores the mode")
     assert matmul.fp32_precision == before
     with pytest.raises(ValueError), fp32_matmul_precision("tf32"):
-        pass
+        raise AssertionError("an unknown precision is refused before the block runs")
     assert matmul.fp32_precision == before
 
 
