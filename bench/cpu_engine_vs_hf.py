@@ -27,6 +27,7 @@ import torch
 from slaq.bench.cli import resolve_model
 from slaq.bench.engine import (
     EngineBenchConfig,
+    _device_name,
     _num_blocks,
     _prompts,
     build_engine,
@@ -35,7 +36,7 @@ from slaq.bench.engine import (
     run_hf,
     run_ours,
 )
-from slaq.gpu_workers.engine.models.cpu_linear import fp32_matmul_precision
+from slaq.gpu_workers.engine.models.cpu_linear import bf16_math_error, fp32_matmul_precision
 
 
 def _run_gather(engine, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -131,9 +132,10 @@ def main() -> None:
                     run["output_tok_per_s"] / res["hf"]["output_tok_per_s"], 2)
         print(json.dumps(rounds[-1]), flush=True)
     result = {
-        "bench": "cpu_engine_vs_hf", "torch": torch.__version__,
+        "bench": "cpu_engine_vs_hf", "device": _device_name("cpu"), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "model": cfg.model, "batch": args.batch,
         "ours_matmul_precision": engine.runner.matmul_precision,
+        "bf16_math_error": bf16_math_error(),
         "prompt_len": list(cfg.prompt_len), "new_tokens": cfg.new_tokens,
         "rounds": rounds,
         "median_speedup_vs_hf": statistics.median(r["speedup_vs_hf"] for r in rounds),

@@ -332,7 +332,20 @@ def _device_name(device: str) -> str:
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"{cpu_model_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` ("cpu" where there is none): CPU results
+    differ by vendor (oneDNN's bf16 math mode is exact on some, bf16-rounding on others)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
 
 
 def run_engine_bench(cfg: EngineBenchConfig,

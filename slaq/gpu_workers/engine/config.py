@@ -122,7 +122,8 @@ class EngineConfig:
     # On CUDA, fuse each layer's element-wise ops with torch.compile (see models/layer_ops).
     fuse_layer_ops: bool = True
     # CPU fp32: "bf16" runs matmuls in oneDNN's bf16 math mode where the CPU has bf16
-    # instructions (fp32 in and out, ~2x MKL; see models/cpu_linear); "ieee" keeps MKL sgemm.
+    # instructions and a probe shows the mode keeps fp32 accuracy (fp32 in and out, ~2x MKL;
+    # see models/cpu_linear); "ieee" keeps MKL sgemm.
     cpu_matmul_precision: str = "bf16"
 
     def __post_init__(self) -> None:

@@ -42,13 +42,13 @@ randomness, ties broken by the order of :meth:`Scheduler.add`.
 from __future__ import annotations
 
 import bisect
-from collections import deque
 from collections.abc import Collection
 
 from slaq.gpu_workers.engine.block_manager import BlockManager
 from slaq.gpu_workers.engine.config import SchedulerConfig
 from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from slaq.gpu_workers.engine.sequence import Sequence, SequenceStatus
+from slaq.gpu_workers.engine.waiting_queue import WaitingQueue
 
 PREFILL_DONE = "prefill_done"  # finish reason of a prefill_only sequence that holds a lease
 
@@ -69,9 +69,7 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.preempt_for_priority = preempt_for_priority
-        self._waiting: dict[int, deque[Sequence]] = {}  # by rank, each in arrival order
-        self._ranks: list[int] = []  # sorted keys of _waiting
-        self._num_waiting = 0
+        self._waiting = WaitingQueue(key=self._key)
         self._running: list[Sequence] = []  # sorted by _key: most important first
         self._leased: dict[str, Sequence] = {}
         self._seqs: dict[str, Sequence] = {}  # waiting + running + leased, by request id
@@ -90,7 +88,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return self._num_waiting
+        return len(self._waiting)
 
     @property
     def num_leased(self) -> int:
@@ -103,7 +101,7 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         """True while any sequence waits or runs (leases do not count)."""
-        return bool(self._running) or self._num_waiting > 0
+        return bool(self._running) or len(self._waiting) > 0
 
     def get(self, request_id: str) -> Sequence | None:
         """The waiting, running or leased sequence with this id."""
@@ -136,7 +134,7 @@ class Scheduler:
         if not cfg.enable_chunked_prefill and seq.num_prompt_tokens > cfg.max_num_batched_tokens:
             raise ValueError("prompt exceeds max_num_batched_tokens and chunked prefill is off")
         self._register(seq)
-        self._push_waiting(seq, front=False)
+        self._waiting.push(seq, front=False)
 
     def add_prefilled(self, seq: Sequence, num_cached_tokens: int = 0) -> list[int]:
         """Run a sequence whose KV for all but its last token arrives by transfer.
@@ -186,7 +184,7 @@ class Scheduler:
     def _waits_for_more_important(self, seq: Sequence) -> bool:
         """A waiting sequence (a preempted one, on a decode worker) of a more important rank
         goes first: admitted before it, ``seq`` would be preempted by it at the next step."""
-        return bool(self._num_waiting) and self._peek_waiting().rank < seq.rank
+        return bool(self._waiting) and self._waiting.peek().rank < seq.rank
 
     def finish(self, request_id: str, reason: str) -> Sequence | None:
         """End a sequence wherever it is (waiting, running or leased) and free its blocks.
@@ -202,8 +200,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.RUNNING:
             self._running.remove(seq)
         else:
-            self._waiting[seq.rank].remove(seq)
-            self._num_waiting -= 1
+            self._waiting.remove(seq)
         seq.finish(reason)
         self._forget(seq)
         return seq
@@ -280,8 +277,8 @@ class Scheduler:
     def check_integrity(self) -> None:
         """Assert queue bookkeeping and the block manager agree (tests, debugging)."""
         self.block_manager.check_integrity()
-        waiting = [s for r in self._ranks for s in self._waiting[r]]
-        assert len(waiting) == self._num_waiting
+        waiting = list(self._waiting)
+        assert len(waiting) == len(self._waiting)
         assert all(s.status is SequenceStatus.WAITING and not s.block_table for s in waiting)
         assert all(s.status is SequenceStatus.RUNNING and s.block_table for s in self._running)
         assert all(s.finish_reason == PREFILL_DONE for s in self._leased.values())
@@ -330,7 +327,7 @@ class Scheduler:
         admitted: set[str] = set()
         i = 0
         while budget > 0:
-            head = self._peek_waiting() if self._num_waiting else None
+            head = self._waiting.peek() if self._waiting else None
             while i < len(chunks) and budget > 0 and (
                 head is None
                 or (chunks[i].rank, chunks[i].num_uncomputed_tokens)
@@ -371,7 +368,7 @@ class Scheduler:
         refund = self._make_room(seq, out)
         if refund is None:
             if self._never_fits(seq.num_tokens):  # safety net: would block the queue
-                self._pop_waiting(seq)
+                self._waiting.pop(seq)
                 seq.finish("length")
                 self._forget(seq)
                 self._finished_in_schedule.append(seq)
@@ -382,7 +379,7 @@ class Scheduler:
             left = seq.num_tokens - bm.lookup_prefix(seq)
             if self._chunk_size(left, budget) == 0:
                 return None
-        self._pop_waiting(seq)
+        self._waiting.pop(seq)
         bm.allocate(seq)
         num_new = self._chunk_size(seq.num_uncomputed_tokens, budget)
         assert num_new > 0
@@ -485,7 +482,7 @@ class Scheduler:
         self._running.remove(seq)
         self.block_manager.free(seq)
         seq.reset_for_recompute()
-        self._push_waiting(seq, front=True)
+        self._waiting.push(seq, front=True)
         if out is not None:
             out.preempted_ids.append(seq.request_id)
         self.num_preemptions += 1
@@ -509,27 +506,3 @@ class Scheduler:
 
     def _insert_running(self, seq: Sequence) -> None:
         bisect.insort(self._running, seq, key=self._key)
-
-    def _push_waiting(self, seq: Sequence, front: bool) -> None:
-        queue = self._waiting.get(seq.rank)
-        if queue is None:
-            queue = self._waiting[seq.rank] = deque()
-            bisect.insort(self._ranks, seq.rank)
-        if front:
-            queue.appendleft(seq)
-        elif not queue or self._key(queue[-1]) <= self._key(seq):
-            queue.append(seq)
-        else:  # arrived out of order: keep the rank's queue sorted by arrival
-            queue.insert(bisect.bisect_right(queue, self._key(seq), key=self._key), seq)
-        self._num_waiting += 1
-
-    def _peek_waiting(self) -> Sequence:
-        for rank in self._ranks:
-            if self._waiting[rank]:
-                return self._waiting[rank][0]
-        raise AssertionError("no waiting sequence")
-
-    def _pop_waiting(self, seq: Sequence) -> None:
-        popped = self._waiting[seq.rank].popleft()
-        assert popped is seq
-        self._num_waiting -= 1

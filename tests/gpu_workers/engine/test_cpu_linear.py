@@ -10,9 +10,11 @@ from torch import nn
 
 from slaq.gpu_workers.engine.loader import load_model, load_model_config
 from slaq.gpu_workers.engine.models.cpu_linear import (
+    FP32_ERROR_BOUND,
     Bf16MathLinear,
     PackedLinear,
     bf16_linears,
+    bf16_math_error,
     bf16_matmul_available,
     fp32_matmul_precision,
     mkl_packing_available,
@@ -22,8 +24,9 @@ from slaq.gpu_workers.engine.models.cpu_linear import (
 )
 
 needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="torch built without MKL")
-needs_bf16 = pytest.mark.skipif(not bf16_matmul_available(),
-                                reason="no oneDNN or no bf16 instructions on this CPU")
+needs_bf16 = pytest.mark.skipif(
+    not bf16_matmul_available(),
+    reason="no oneDNN, no bf16 instructions, or a bf16 mode that loses fp32 accuracy here")
 
 
 def test_the_precision_mode_is_scoped_and_validated():
@@ -54,6 +57,27 @@ def test_bf16_math_mode_keeps_fp32_accuracy(rows):
     scale = ref.abs().max()
     assert (rounded - ref).abs().max() / scale > 1e-3  # what plain bf16 would cost
     assert (got.double() - ref).abs().max() / scale < 1e-5
+
+
+def test_the_bf16_mode_is_taken_only_where_it_keeps_fp32_accuracy(tiny_model_path):
+    """Some CPUs (Intel with AMX) honour the mode by rounding inputs to bf16: the probe must
+    see it and leave the model's linears strict there."""
+    mc = load_model_config(tiny_model_path)
+    model = load_model(tiny_model_path, mc, "cpu", torch.float32)
+    swapped = bf16_linears(model)
+    if bf16_matmul_available():
+        assert bf16_math_error() < FP32_ERROR_BOUND
+        assert swapped == 4 * mc.num_layers + 1
+    else:
+        assert swapped == 0
+        assert not any(isinstance(m, Bf16MathLinear) for m in model.modules())
+    torch.manual_seed(2)
+    w, x = torch.randn(1536, 576) * 0.05, torch.randn(48, 576)
+    ref = x.double() @ w.double().T
+    with fp32_matmul_precision("bf16"):
+        err = float((F.linear(x, w).double() - ref).abs().max() / ref.abs().max())
+    # A shape the probe did not try agrees with the probe's verdict.
+    assert (err < FP32_ERROR_BOUND) == (bf16_math_error() < FP32_ERROR_BOUND)
 
 
 def test_row_sizes_cover_a_full_decode_batch():
