@@ -242,3 +242,38 @@ def test_waiting_hand_offs_pull_while_the_worker_has_ticket_seats():
     w.scheduler.finish("h0", "stop")  # a running request ends: one seat for the next ticket
     assert [h.seq.request_id for h in w.take_pulls()] == ["h8"]
     w.scheduler.check_integrity()
+
+
+def test_a_decode_worker_never_stalls_on_pins_a_waiting_sequence_lacks():
+    """The review's repro: a preempted rank-1 sequence lacks exactly the blocks pinned for a
+    rank-2 hand-off while nothing runs. The worker admits the hand-off (the waiting one then
+    preempts it) instead of waiting for room nothing will free."""
+    w = small_worker(8)
+    bm = w.block_manager
+    bs = bm.block_size
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
+    warm = list(range(1000, 1000 + 2 * bs))
+    s = Sequence("warm", warm, params, output_token_ids=[1])
+    bm.allocate_prefilled(s, len(warm))
+    bm.free(s)  # two cached blocks
+    p = Sequence("P", list(range(3000, 3000 + 6 * bs - 1)), params, rank=1,
+                 output_token_ids=[1])
+    w.pending.append(Handoff(p, "prefill-0", 0.0))
+    assert [h.seq.request_id for h in w.admit_pending()] == ["P"]
+    prompt_h = [*warm, 5]
+    assert w.reserve_prefix("H", prompt_h) == 2
+    for _ in range(4):  # P grows into a 7th block, which only the pins could give
+        if w.scheduler.num_running == 0:
+            break
+        if w.start_step() is not None:  # None: the step's only decode preempted itself
+            w.finish_step()
+    assert w.scheduler.num_running == 0 and w.scheduler.num_waiting == 1
+    w.pending.append(Handoff(Sequence("H", prompt_h, params, rank=2, output_token_ids=[1]),
+                             "prefill-0", 0.0))
+    progressed = False
+    for _ in range(5):
+        admitted = w.admit_pending()
+        if admitted or w.start_step() is not None:
+            progressed = True
+            break
+    assert progressed

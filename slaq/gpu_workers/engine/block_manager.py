@@ -205,11 +205,8 @@ class BlockManager:
         assert not seq.block_table, f"{seq.request_id} already holds blocks"
         if not 0 < num_computed_tokens <= seq.num_tokens:
             raise ValueError("num_computed_tokens must be in 1..num_tokens")
+        self.check_pins(seq, num_computed_tokens)
         pinned = self._pins.get(seq.request_id, [])
-        if pinned and not self._is_prefix_of(pinned, seq, num_computed_tokens):
-            self.unpin(seq.request_id)
-            self._chains.pop(seq.request_id, None)
-            raise ValueError(f"{seq.request_id}: the pinned blocks are not its prompt prefix")
         num_computed_blocks = self.num_blocks_for(num_computed_tokens)
         num_new = self.num_blocks_for(seq.num_tokens) - len(pinned)
         if num_new > self.num_free_blocks:
@@ -223,6 +220,17 @@ class BlockManager:
         self.num_handoff_blocks += num_computed_blocks
         self.num_handoff_reused_blocks += len(pinned)
         return seq.block_table[len(pinned):num_computed_blocks]
+
+    def check_pins(self, seq: Sequence, num_computed_tokens: int) -> None:
+        """Raise ValueError (releasing the pin) when the blocks pinned under
+        ``seq.request_id`` are not ``seq``'s prompt prefix within its first
+        ``num_computed_tokens``; :meth:`allocate_prefilled` calls it, and a caller that must
+        not act on a hand-off doomed to fail (preempt for it) calls it first."""
+        pinned = self._pins.get(seq.request_id, [])
+        if pinned and not self._is_prefix_of(pinned, seq, num_computed_tokens):
+            self.unpin(seq.request_id)
+            self._chains.pop(seq.request_id, None)
+            raise ValueError(f"{seq.request_id}: the pinned blocks are not its prompt prefix")
 
     # ---------------------------------------------------------- hand-off pins
 

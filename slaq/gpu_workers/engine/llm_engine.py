@@ -188,18 +188,21 @@ class LLMEngine:
         prompt = self._check_prompt(prompt_token_ids)
         seq = Sequence(request_id, prompt, params, rank=rank, arrival_time=time.monotonic(),
                        output_token_ids=[first_token_id])
-        num_pinned = self.block_manager.num_pinned(request_id)
+        bm = self.block_manager
+        num_pinned = bm.num_pinned(request_id)
+        # Checked before the scheduler takes it: allocation registers the blocks in the prefix
+        # cache at once, so a hand-off aborted after it would leave cached blocks that hold no
+        # KV (and could have preempted others for nothing).
+        num_needed = max(0, bm.num_blocks_for(seq.num_tokens - 1) - num_pinned)
+        have = 0 if kv is None else int(kv.shape[2])
+        if num_needed and have != num_needed and have < num_pinned + num_needed:
+            bm.unpin(request_id)
+            raise ValueError(f"kv has {have} blocks, the prompt needs {num_needed} "
+                             f"past {num_pinned} cached")
         blocks = self.scheduler.add_prefilled(seq, num_cached_tokens)
+        assert len(blocks) == num_needed
         if blocks:
-            have = 0 if kv is None else int(kv.shape[2])
-            if have == len(blocks):
-                rows = kv
-            elif have >= num_pinned + len(blocks):
-                rows = kv[:, :, num_pinned:num_pinned + len(blocks)]
-            else:
-                self.scheduler.abort(request_id)
-                raise ValueError(f"kv has {have} blocks, the prompt needs {len(blocks)} "
-                                 f"past {num_pinned} cached")
+            rows = kv if have == num_needed else kv[:, :, num_pinned:num_pinned + num_needed]
             self.runner.write_blocks(blocks, rows)
         detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop)
         detok.add([first_token_id])  # its text was streamed by the prefill side

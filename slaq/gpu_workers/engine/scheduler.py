@@ -161,6 +161,8 @@ class Scheduler:
             or seq.num_tokens >= self.config.max_model_len
         ):
             raise ValueError(f"request {seq.request_id!r} has nothing left to generate")
+        # Before any victim is preempted for it: a hand-off that fails anyway preempts none.
+        self.block_manager.check_pins(seq, seq.num_tokens - 1)
         if not self.can_add_prefilled(seq) and not self._make_room_for_prefilled(seq):
             raise NoRoomError(f"no seat or KV blocks for {seq.request_id!r}")
         blocks = self.block_manager.allocate_prefilled(seq, seq.num_tokens - 1)
@@ -171,8 +173,10 @@ class Scheduler:
         return blocks
 
     def can_add_prefilled(self, seq: Sequence) -> bool:
-        """Whether :meth:`add_prefilled` has a seat and blocks for ``seq`` now (blocks pinned
-        for it are held already)."""
+        """Whether :meth:`add_prefilled` admits ``seq`` now without preempting anything: a
+        seat and blocks are free (blocks pinned for it are held already) and no more
+        important preempted sequence waits. False does not mean :meth:`add_prefilled` fails:
+        it may preempt less important sequences to make the room."""
         bm = self.block_manager
         num_new = bm.num_blocks_for(seq.num_tokens) - bm.num_pinned(seq.request_id)
         return (
@@ -183,8 +187,15 @@ class Scheduler:
 
     def _waits_for_more_important(self, seq: Sequence) -> bool:
         """A waiting sequence (a preempted one, on a decode worker) of a more important rank
-        goes first: admitted before it, ``seq`` would be preempted by it at the next step."""
-        return bool(self._waiting) and self._waiting.peek().rank < seq.rank
+        goes first: admitted before it, ``seq`` would be preempted by it at the next step.
+
+        Unless that one cannot get in now and nothing runs whose end would free room: then
+        what it lacks may be exactly the blocks pinned for ``seq``, and deferring would wait
+        for ever (admitted, ``seq`` runs until the waiting one preempts it)."""
+        if not self._waiting:
+            return False
+        head = self._waiting.peek()
+        return head.rank < seq.rank and (bool(self._running) or self._fits(head))
 
     def finish(self, request_id: str, reason: str) -> Sequence | None:
         """End a sequence wherever it is (waiting, running or leased) and free its blocks.

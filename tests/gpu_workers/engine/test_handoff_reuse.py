@@ -278,3 +278,19 @@ def test_a_fully_cached_prompt_pulls_nothing(make_engine, tiny_prompts):
     assert [first] + _decode(decode, "r") == want
     st = decode.stats()
     assert st.handoff_blocks_reused == st.handoff_blocks_total == len(leased)
+
+
+def test_a_refused_hand_off_leaves_no_cached_blocks(make_engine, tiny_prompts):
+    """A kv too short is refused before any block is allocated: allocation registers blocks
+    in the prefix cache at once, and blocks left there without their KV would hand garbage to
+    the next request with the same prompt."""
+    prefill, decode = make_engine(num_blocks=64), make_engine(num_blocks=64)
+    prompt = tiny_prompts[2]
+    first, leased = _prefill(prefill, "r", prompt)
+    with pytest.raises(ValueError, match="kv has"):
+        decode.add_prefilled_request("r", prompt, first, GREEDY,
+                                     prefill.read_blocks(leased[1:]))
+    assert decode.block_manager.num_cached_blocks == 0
+    decode.scheduler.check_integrity()
+    want = make_engine(num_blocks=64).generate([prompt], GREEDY)[0].token_ids
+    assert decode.generate([prompt], GREEDY)[0].token_ids == want

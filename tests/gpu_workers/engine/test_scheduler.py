@@ -749,3 +749,63 @@ def test_a_hand_off_waits_behind_a_more_important_preempted_sequence() -> None:
     assert not sched.can_add_prefilled(batch)
     flex_again = _handoff("flex2", 3, 4, rank=2)  # the same tier as the waiting one may go
     assert sched.can_add_prefilled(flex_again) == (sched.block_manager.num_free_blocks >= 1)
+
+
+def test_a_hand_off_whose_pins_a_waiting_sequence_lacks_is_admitted_when_nothing_runs() -> None:
+    """With nothing running, deferring to a more important waiting sequence would wait for
+    ever when the blocks it lacks are the ones pinned for the hand-off: the hand-off goes in,
+    and the waiting one preempts it and runs (found in review: a live loop spun on it)."""
+    sched = make_sched(num_blocks=8, max_num_seqs=4)
+    bm = sched.block_manager
+    warm = make_seq("warm", num_prompt=9, max_tokens=1, rank=2)
+    sched.add(warm)
+    run_all(sched)  # its two full blocks stay cached
+    assert bm.pin_prefix("h", warm.prompt_token_ids) == 2
+    p = _handoff("p", 23, 6, rank=1)  # 6 blocks: every unpinned one; 8 at its end
+    sched.add_prefilled(p)
+    for _ in range(4):  # p grows into a 7th block, which only the pins could give
+        if sched.num_running == 0:
+            break
+        step(sched)
+    assert sched.num_running == 0 and sched.num_waiting == 1  # it preempted itself
+    assert bm.num_blocks_for(p.num_tokens) > bm.num_free_blocks  # the pins are what it lacks
+    h = make_seq("h", prompt=list(warm.prompt_token_ids), max_tokens=4, rank=2)
+    h.append_token(fake_token(h))
+    assert sched.can_add_prefilled(h)
+    sched.add_prefilled(h)
+    run = run_all(sched)
+    assert {s.request_id for s in run.finished} == {"p", "h"}
+    assert p.output_token_ids == _alone(p) and h.status is SequenceStatus.FINISHED
+
+
+def test_a_hand_off_behind_a_more_important_waiting_sequence_preempts_nothing() -> None:
+    """Victims that could make its room are not taken: the waiting sequence would preempt
+    the hand-off at the next step, so they would be preempted in vain."""
+    sched = make_sched(num_blocks=8, max_num_seqs=4)
+    sched.add_prefilled(_handoff("batch", 15, 8, rank=3))  # 4 blocks
+    sched.add_prefilled(_handoff("default", 7, 8, rank=1))  # 2 blocks
+    urgent = make_seq("urgent", num_prompt=11, max_tokens=4, rank=0)  # 3 blocks
+    sched.add(urgent)
+    sched.preempt_for_priority = False  # it waits (its admission would preempt batch)
+    assert sched.num_waiting == 1
+    sched.preempt_for_priority = True
+    flex = _handoff("flex", 11, 4, rank=2)  # 3 blocks, 2 free: batch's would make its room
+    with pytest.raises(NoRoomError):
+        sched.add_prefilled(flex)
+    assert sched.num_preemptions == 0 and sched.num_running == 2
+    sched.check_integrity()
+
+
+def test_a_hand_off_with_foreign_pins_preempts_nothing() -> None:
+    sched = make_sched(num_blocks=8, max_num_seqs=4)
+    bm = sched.block_manager
+    warm = make_seq("warm", num_prompt=9, max_tokens=1, rank=2)
+    sched.add(warm)
+    run_all(sched)
+    assert bm.pin_prefix("x", warm.prompt_token_ids) == 2
+    sched.add_prefilled(_handoff("low", 15, 8, rank=3))  # 4 blocks: 2 free left
+    x = _handoff("x", 19, 4, rank=0)  # another prompt under the pinned key: 3 more blocks
+    with pytest.raises(ValueError, match="not its prompt prefix"):
+        sched.add_prefilled(x)
+    assert sched.num_preemptions == 0 and bm.num_pinned("x") == 0
+    sched.check_integrity()

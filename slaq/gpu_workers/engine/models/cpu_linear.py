@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -48,37 +49,49 @@ log = logging.getLogger(__name__)
 FP32_ERROR_BOUND = 1e-5
 
 
-def bf16_matmul_available() -> bool:
+# The weight shape probed when no model's shapes are given: SmolLM2-135M's gate/up half.
+DEFAULT_PROBE_SHAPE = (1536, 576)
+# Output features probed at most per shape (a 49152-row LM head is probed on its first rows:
+# the fp64 reference would otherwise cost seconds).
+MAX_PROBE_OUT_FEATURES = 4096
+_PROBE_LOCK = threading.Lock()
+
+
+def bf16_matmul_available(shapes: Iterable[tuple[int, int]] = (DEFAULT_PROBE_SHAPE,)) -> bool:
     """True where oneDNN runs fp32 matmuls faster with bf16 instructions *and* keeps fp32's
-    accuracy doing so.
+    accuracy doing so for every weight shape in ``shapes`` (``(out_features, in_features)``).
 
     What the mode does is the CPU's and oneDNN's choice, so it is measured, not inferred from
     the CPU's flags: on an AVX512-BF16 AMD EPYC (torch 2.13) it kept errors of fp32's order,
     while on an Intel Xeon with AMX the same setting rounds the inputs to bf16 (2.4e-3 of the
     output's scale; greedy outputs diverged from HF's in 3 of 32 benchmark requests). There
-    the engine keeps strict fp32."""
+    the engine keeps strict fp32. oneDNN picks its kernel by shape, so each shape is probed."""
     if not torch.backends.mkldnn.is_available():
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     if not any(getattr(torch.cpu, name, lambda: False)() for name in checks):
         return False
-    return bf16_math_error() < FP32_ERROR_BOUND
+    return all(bf16_math_error(*shape) < FP32_ERROR_BOUND for shape in set(shapes))
 
 
 @functools.cache
-def bf16_math_error() -> float:
-    """The bf16 math mode's largest error against fp64 over a few probe shapes, relative to
-    the output's largest value (once per process: a few milliseconds)."""
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(1536, 576, generator=gen) * 0.05
-    worst = 0.0
-    for rows in (2, 32, 600):  # oneDNN picks its kernel by shape
-        x = torch.randn(rows, 576, generator=gen)
-        ref = x.double() @ w.double().T
-        with fp32_matmul_precision("bf16"):
-            got = F.linear(x, w)
-        worst = max(worst, float((got.double() - ref).abs().max() / ref.abs().max()))
-    return worst
+def bf16_math_error(out_features: int = DEFAULT_PROBE_SHAPE[0],
+                    in_features: int = DEFAULT_PROBE_SHAPE[1]) -> float:
+    """The bf16 math mode's largest error against fp64 for a random weight of this shape at a
+    few row counts, relative to the output's largest value (once per shape and process;
+    tens of milliseconds)."""
+    with _PROBE_LOCK:  # the mode is process-wide: two probes at once could leave it set
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(min(out_features, MAX_PROBE_OUT_FEATURES), in_features,
+                        generator=gen) / in_features ** 0.5
+        worst = 0.0
+        for rows in (2, 32, 512):  # oneDNN picks its kernel by the row count too
+            x = torch.randn(rows, in_features, generator=gen)
+            ref = x.double() @ w.double().T
+            with fp32_matmul_precision("bf16"):
+                got = F.linear(x, w)
+            worst = max(worst, float((got.double() - ref).abs().max() / ref.abs().max()))
+        return worst
 
 
 @contextmanager
@@ -87,8 +100,9 @@ def fp32_matmul_precision(precision: str) -> Iterator[None]:
 
     The setting is process-wide: the previous value comes back on exit, so code running
     after the block (an HF baseline in a benchmark) computes as before. A matmul another
-    thread runs meanwhile takes the mode too; both modes keep fp32 accuracy, so only its speed
-    can change."""
+    thread runs meanwhile takes the mode too: the engine enters it only where
+    :func:`bf16_matmul_available` found it accurate, so there only that matmul's speed
+    changes; elsewhere (the probe, a benchmark's ``--hf-bf16`` run) it would round."""
     if precision not in ("ieee", "bf16"):
         raise ValueError(f"precision must be 'ieee' or 'bf16', got {precision!r}")
     matmul = torch.backends.mkldnn.matmul
@@ -123,14 +137,19 @@ class Bf16MathLinear(nn.Module):
 
 def bf16_linears(model: nn.Module) -> int:
     """Replace every fp32 CPU ``nn.Linear`` in ``model`` by a :class:`Bf16MathLinear`;
-    returns how many (0 where :func:`bf16_matmul_available` is False)."""
-    if not bf16_matmul_available():
-        log.info("no bf16 instructions for oneDNN: CPU linears stay strict fp32")
+    returns how many (0 where :func:`bf16_matmul_available` is False for any of the model's
+    weight shapes: all of them take the mode or none does)."""
+
+    def eligible(mod: nn.Module) -> bool:
+        return (isinstance(mod, nn.Linear) and mod.weight.dtype == torch.float32
+                and mod.weight.device.type == "cpu")
+
+    shapes = {tuple(mod.weight.shape) for mod in model.modules() if eligible(mod)}
+    if not shapes or not bf16_matmul_available(shapes):
+        log.info("oneDNN's bf16 math mode is missing or inexact here: CPU linears stay "
+                 "strict fp32")
         return 0
-    return _swap_modules(model, lambda mod: (
-        Bf16MathLinear(mod)
-        if isinstance(mod, nn.Linear) and mod.weight.dtype == torch.float32
-        and mod.weight.device.type == "cpu" else None))
+    return _swap_modules(model, lambda mod: Bf16MathLinear(mod) if eligible(mod) else None)
 
 
 def mkl_packing_available() -> bool:
