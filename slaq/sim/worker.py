@@ -124,8 +124,10 @@ class SimWorker:
         """Waiting transfers that now hold a decode ticket seat, and so pull their KV; marks
         and returns them. Live, a decode worker runs one ticket per engine seat
         (``max_num_seqs``): a ticket pulls at once and then waits for room in the engine,
-        so running plus pulled-and-waiting never exceeds the seats."""
-        seats = (self.scheduler.config.max_num_seqs - self.scheduler.num_running
+        and holds its seat until its request ends, also while the engine has it preempted.
+        So running plus preempted plus pulled-and-waiting never exceeds the seats."""
+        sched = self.scheduler
+        seats = (sched.config.max_num_seqs - sched.num_running - sched.num_waiting
                  - sum(1 for h in self.pending if h.pulled))
         pulled = []
         for h in self.pending:  # tier order: the decode queue hands out its most urgent first

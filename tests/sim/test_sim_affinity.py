@@ -277,3 +277,17 @@ def test_a_decode_worker_never_stalls_on_pins_a_waiting_sequence_lacks():
             progressed = True
             break
     assert progressed
+
+
+def test_preempted_sequences_keep_their_decode_seats():
+    """Live, a preempted request's ticket still holds its seat in the decode worker's pool:
+    the simulated worker pulls only for the seats left."""
+    w = small_worker(64)  # 8 seats
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    for i in range(3):  # as preempted ones wait: in the scheduler, not running
+        w.scheduler.add(Sequence(f"w{i}", [7, 8, 9], params))
+    for i in range(8):
+        w.pending.append(Handoff(Sequence(f"h{i}", [1, 2, 3], params, output_token_ids=[1]),
+                                 "prefill-0", 0.0))
+    assert len(w.take_pulls()) == 5
+    assert w.take_pulls() == []
