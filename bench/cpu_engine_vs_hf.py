@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from slaq.bench.cli import resolve_model
+from slaq.bench.device import device_name
 from slaq.bench.engine import (
     EngineBenchConfig,
-    _device_name,
     _num_blocks,
     _prompts,
     build_engine,
@@ -132,7 +132,7 @@ def main() -> None:
                     run["output_tok_per_s"] / res["hf"]["output_tok_per_s"], 2)
         print(json.dumps(rounds[-1]), flush=True)
     result = {
-        "bench": "cpu_engine_vs_hf", "device": _device_name("cpu"), "torch": torch.__version__,
+        "bench": "cpu_engine_vs_hf", "device": device_name("cpu"), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "model": cfg.model, "batch": args.batch,
         "ours_matmul_precision": engine.runner.matmul_precision,
         "bf16_math_error": bf16_math_error(),

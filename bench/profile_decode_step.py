@@ -14,7 +14,8 @@ import time
 from torch.profiler import ProfilerActivity, profile
 
 from slaq.bench.cli import resolve_model
-from slaq.bench.engine import EngineBenchConfig, _device_name, _num_blocks, _prompts, build_engine
+from slaq.bench.device import device_name
+from slaq.bench.engine import EngineBenchConfig, _num_blocks, _prompts, build_engine
 from slaq.gpu_workers.engine.config import SamplingParams
 
 
@@ -50,7 +51,7 @@ def main() -> None:
                 for e in prof.key_averages()}
     top = sorted(per_step, key=per_step.__getitem__, reverse=True)[:args.top]
     print(json.dumps({
-        "device": _device_name("cpu"), "batch": args.batch,
+        "device": device_name("cpu"), "batch": args.batch,
         "matmul_precision": engine.runner.matmul_precision,
         "time_to_all_first_tokens_s": round(first_tokens_s, 2),
         "decode_step_ms": {"median": round(statistics.median(times) * 1e3, 1),

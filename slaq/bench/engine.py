@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from slaq.bench.device import device_name
+
 LLAMA_1B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
     "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
@@ -327,27 +329,6 @@ def _ours_part(cfg: EngineBenchConfig, runner: str, prompt_sets: dict[int, list[
     return {"setup_s": round(setup_s, 2), "decode": decode, "prefill": prefill}
 
 
-def _device_name(device: str) -> str:
-    import os
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{cpu_model_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def cpu_model_name() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` ("cpu" where there is none): CPU results
-    differ by vendor (oneDNN's bf16 math mode is exact on some, bf16-rounding on others)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
-
-
 def run_engine_bench(cfg: EngineBenchConfig,
                      on_partial: Callable[[dict[str, Any]], None] | None = None,
                      ) -> dict[str, Any]:
@@ -410,7 +391,7 @@ def _assemble(cfg: EngineBenchConfig, mc: Any, hf_decode: dict[int, Any], hf_pre
                 res["ratio_vs_hf_forward"] = round(res["tok_per_s"] / hf_prefill["tok_per_s"],
                                                    3)
     return {
-        "bench": "engine", "device": _device_name(cfg.device), "torch": torch.__version__,
+        "bench": "engine", "device": device_name(cfg.device), "torch": torch.__version__,
         "model": {"path": cfg.model, "dtype": cfg.dtype, "num_layers": mc.num_layers,
                   "hidden_size": mc.hidden_size, "vocab_size": mc.vocab_size},
         "setup_s": {r: res["setup_s"] for r, res in ours.items()},

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from slaq.bench.device import device_name
+
 TARGET_SPEEDUP = 5.0  # issue #3: the second request's first token >= 5x sooner
 
 
@@ -183,14 +185,6 @@ def _median_ms(rows: list[dict[str, Any]], key: str) -> float:
     return round(statistics.median(r[key]["ttft_ms"] for r in rows), 3)
 
 
-def _device_name(device: str) -> str:
-    import os
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
 def run_prefix_bench(cfg: PrefixBenchConfig) -> dict[str, Any]:
     """Warm-up, then ``cfg.rounds`` rounds; a JSON-ready dict."""
     threads_before = torch.get_num_threads()
@@ -234,7 +228,7 @@ def _run(cfg: PrefixBenchConfig) -> dict[str, Any]:
     expected = cfg.expected_hit_tokens
     speedup = round(first / cached, 2)
     return {
-        "bench": "prefix_cache", "device": _device_name(cfg.device), "torch": torch.__version__,
+        "bench": "prefix_cache", "device": device_name(cfg.device), "torch": torch.__version__,
         "model": {"path": cfg.model, "dtype": cfg.dtype, "num_layers": mc.num_layers,
                   "hidden_size": mc.hidden_size, "vocab_size": mc.vocab_size},
         "config": {"prefix_len": cfg.prefix_len, "suffix_len": cfg.suffix_len,

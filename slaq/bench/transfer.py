@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from slaq.bench.device import device_name
+
 BLOCK_DIM = 2
 
 
@@ -439,7 +441,7 @@ def run_transfer_bench(cfg: TransferBenchConfig) -> dict[str, Any]:
         proc.join(30)
         redis_srv.close()
     return {
-        "bench": "transfer", "device": _device_name(cfg.device),
+        "bench": "transfer", "device": device_name(cfg.device),
         "config": {"sizes_mb": list(cfg.sizes_mb), "iters": cfg.iters, "dtype": cfg.dtype,
                    "layout": cfg.layout,
                    "block_bytes": cfg.block_bytes, "pool_shape": list(shape)},
@@ -451,12 +453,6 @@ def run_transfer_bench(cfg: TransferBenchConfig) -> dict[str, Any]:
                      "methods": GATHER_METHODS, "results": baseline},
         "results": results, "errors": errors,
     }
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({os.cpu_count()} cores)"
 
 
 def plot_transfer(result: dict[str, Any], path: str | Path) -> None:
