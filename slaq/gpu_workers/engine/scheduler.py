@@ -23,7 +23,8 @@ seat budget (``max_num_seqs``) in this order:
 A hand-off (:meth:`Scheduler.add_prefilled`, between steps) follows the same rule: it may
 preempt running sequences of a strictly less important rank when they can make its room, and
 it is not admitted while a preempted sequence of a more important rank waits (that one would
-preempt it at the next step).
+preempt it at the next step), unless nothing runs and that one cannot get in (what it lacks
+may be the blocks pinned for the hand-off).
 
 Preempted sequences keep their tokens, lose their KV and go back to the front of their rank
 in the waiting queue; they are recomputed as one prefill over prompt + generated tokens.
