@@ -13,6 +13,7 @@ from slaq.gpu_workers.engine.models.cpu_linear import (
     FP32_ERROR_BOUND,
     Bf16MathLinear,
     PackedLinear,
+    bf16_instructions_available,
     bf16_linears,
     bf16_math_error,
     bf16_matmul_available,
@@ -22,13 +23,6 @@ from slaq.gpu_workers.engine.models.cpu_linear import (
     packed_row_sizes,
     unpack_linears,
 )
-
-
-def _has_bf16_instructions() -> bool:
-    return torch.backends.mkldnn.is_available() and any(
-        getattr(torch.cpu, name, lambda: False)()
-        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
 
 needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="torch built without MKL")
 needs_bf16 = pytest.mark.skipif(
@@ -87,7 +81,7 @@ def test_the_bf16_mode_is_taken_only_where_it_keeps_fp32_accuracy(tiny_model_pat
     else:
         assert not bf16_matmul_available(shapes)
         assert not any(isinstance(m, Bf16MathLinear) for m in model.modules())
-        if _has_bf16_instructions():  # refused for accuracy: some shape really loses it
+        if bf16_instructions_available():  # refused for accuracy: some shape really loses it
             assert max(bf16_math_error(*shape) for shape in shapes) >= FP32_ERROR_BOUND
 
 

@@ -66,12 +66,18 @@ def bf16_matmul_available(shapes: Iterable[tuple[int, int]] = (DEFAULT_PROBE_SHA
     while on an Intel Xeon with AMX the same setting rounds the inputs to bf16 (2.4e-3 of the
     output's scale; greedy outputs diverged from HF's in 3 of 32 benchmark requests). There
     the engine keeps strict fp32. oneDNN picks its kernel by shape, so each shape is probed."""
+    if not bf16_instructions_available():
+        return False
+    return all(bf16_math_error(*shape) < FP32_ERROR_BOUND for shape in set(shapes))
+
+
+def bf16_instructions_available() -> bool:
+    """Whether oneDNN is built in and the CPU has bf16 instructions (AVX512-BF16 or AMX):
+    where the mode could be fast at all, whatever it does to accuracy."""
     if not torch.backends.mkldnn.is_available():
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    if not any(getattr(torch.cpu, name, lambda: False)() for name in checks):
-        return False
-    return all(bf16_math_error(*shape) < FP32_ERROR_BOUND for shape in set(shapes))
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 @functools.cache
