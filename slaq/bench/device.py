@@ -19,9 +19,8 @@ def cpu_model_name() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` ("cpu" where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
+            names = [line.split(":", 1)[1].strip() for line in f
+                     if line.startswith("model name")]
+    except OSError:  # not Linux: no cpuinfo to read
+        names = []
+    return names[0] if names else "cpu"

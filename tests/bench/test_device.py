@@ -1,0 +1,21 @@
+"""Benchmarks name the device they ran on: CPU results differ by the CPU's model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from slaq.bench.device import cpu_model_name, device_name
+
+
+def test_the_cpu_is_named_by_its_model_cores_and_threads():
+    name = device_name("cpu")
+    assert name.startswith(cpu_model_name())
+    assert f"({os.cpu_count()} cores, {torch.get_num_threads()} threads)" in name
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("model name")]
+        assert cpu_model_name() == (models[0] if models else "cpu")
