@@ -19,8 +19,7 @@ def cpu_model_name() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` ("cpu" where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f
-                     if line.startswith("model name")]
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), "cpu")
     except OSError:  # not Linux: no cpuinfo to read
-        names = []
-    return names[0] if names else "cpu"
+        return "cpu"

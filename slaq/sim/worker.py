@@ -196,8 +196,7 @@ class SimWorker:
     def reserved_blocks(self) -> int:
         """Blocks waiting hand-offs still need (pinned ones are held, so counted as used)."""
         bm = self.block_manager
-        return sum(bm.num_blocks_for(h.seq.num_tokens) - bm.num_pinned(h.seq.request_id)
-                   for h in self.pending)
+        return sum(bm.num_prefilled_new_blocks(h.seq) for h in self.pending)
 
     def heartbeat(self, now: float) -> Heartbeat:
         """This worker's heartbeat at ``now`` (token rates over the time since the last one)."""

@@ -208,7 +208,7 @@ class BlockManager:
         self.check_pins(seq, num_computed_tokens)
         pinned = self._pins.get(seq.request_id, [])
         num_computed_blocks = self.num_blocks_for(num_computed_tokens)
-        num_new = self.num_blocks_for(seq.num_tokens) - len(pinned)
+        num_new = self.num_prefilled_new_blocks(seq)
         if num_new > self.num_free_blocks:
             raise RuntimeError(f"{seq.request_id}: no room for {num_new} blocks")
         self._pins.pop(seq.request_id, None)  # the pins' references pass to the sequence
@@ -220,6 +220,16 @@ class BlockManager:
         self.num_handoff_blocks += num_computed_blocks
         self.num_handoff_reused_blocks += len(pinned)
         return seq.block_table[len(pinned):num_computed_blocks]
+
+    def num_prefilled_new_blocks(self, seq: Sequence) -> int:
+        """Fresh blocks :meth:`allocate_prefilled` takes for ``seq`` (all its tokens' blocks
+        but those pinned for it)."""
+        return self.num_blocks_for(seq.num_tokens) - self.num_pinned(seq.request_id)
+
+    def num_prefilled_kv_blocks(self, key: str, num_computed_tokens: int) -> int:
+        """How many blocks :meth:`allocate_prefilled` returns to receive transferred KV: those
+        of the first ``num_computed_tokens`` past the ones pinned under ``key``."""
+        return max(0, self.num_blocks_for(num_computed_tokens) - self.num_pinned(key))
 
     def check_pins(self, seq: Sequence, num_computed_tokens: int) -> None:
         """Raise ValueError (releasing the pin) when the blocks pinned under

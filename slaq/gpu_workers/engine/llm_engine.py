@@ -193,7 +193,7 @@ class LLMEngine:
         # Checked before the scheduler takes it: allocation registers the blocks in the prefix
         # cache at once, so a hand-off aborted after it would leave cached blocks that hold no
         # KV (and could have preempted others for nothing).
-        num_needed = max(0, bm.num_blocks_for(seq.num_tokens - 1) - num_pinned)
+        num_needed = bm.num_prefilled_kv_blocks(request_id, seq.num_tokens - 1)
         have = 0 if kv is None else int(kv.shape[2])
         if num_needed and have != num_needed and have < num_pinned + num_needed:
             bm.unpin(request_id)

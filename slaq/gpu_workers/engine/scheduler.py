@@ -179,7 +179,7 @@ class Scheduler:
         important preempted sequence waits. False does not mean :meth:`add_prefilled` fails:
         it may preempt less important sequences to make the room."""
         bm = self.block_manager
-        num_new = bm.num_blocks_for(seq.num_tokens) - bm.num_pinned(seq.request_id)
+        num_new = bm.num_prefilled_new_blocks(seq)
         return (
             len(self._running) < self.config.max_num_seqs
             and num_new <= bm.num_free_blocks
@@ -436,7 +436,7 @@ class Scheduler:
         """Preempt for a hand-off as :meth:`_make_room` does for a waiting sequence; whether
         it now fits. Nothing is preempted when the victims cannot make the room."""
         bm = self.block_manager
-        num_new = bm.num_blocks_for(seq.num_tokens) - bm.num_pinned(seq.request_id)
+        num_new = bm.num_prefilled_new_blocks(seq)
         if self._waits_for_more_important(seq) or not self._victims_make_room(seq, num_new):
             return False
         while not self.can_add_prefilled(seq):
