@@ -191,6 +191,24 @@ def _device_times(fn: Any, iters: int, wall_s: float) -> list[float]:
     return [a.elapsed_time(b) / 1e3 for a, b in pairs]
 
 
+def _profiled_device_s(fn: Any, iters: int) -> float | None:
+    """Mean GPU time of one call of ``fn``: every kernel and copy it launched, summed from a
+    ``torch.profiler`` trace. For calls that synchronise inside (a transport's pull), where
+    events around the call would also time the host's launch and wait; None without CUDA
+    activity (a transport that copies outside torch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    busy_us = sum(float(evt.time_range.elapsed_us()) for evt in prof.events()
+                  if getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    return busy_us / 1e6 / iters if busy_us > 0 else None
+
+
 def _summary(times: list[float], nbytes: int) -> dict[str, float]:
     p50 = statistics.median(times)
     q = sorted(times)
@@ -291,6 +309,11 @@ def _measure(name: str, descriptor: dict[str, str], cfg: TransferBenchConfig,
                                                                expected))}
             row.update(_summary(_timed(lambda lease=lease: puller.pull(lease), cfg.device,
                                        cfg.iters, cfg.warmup), nbytes))
+            if cfg.device.startswith("cuda"):
+                busy_s = _profiled_device_s(lambda lease=lease: puller.pull(lease), cfg.iters)
+                if busy_s is not None:
+                    row.update(device_ms_mean=round(busy_s * 1e3, 4),
+                               device_gb_per_s=round(nbytes / busy_s / 1e9, 3))
             if store is not None:
                 lt = _lease_to_pulled(store, puller, descriptor, ids, cfg)
                 row["lease_to_pulled_ms_p50"] = round(statistics.median(lt) * 1e3, 4)
@@ -450,6 +473,9 @@ def run_transfer_bench(cfg: TransferBenchConfig) -> dict[str, Any]:
                              "contiguous_copy: one copy_ of as many bytes; methods: every "
                              "way to copy the same blocks in this process, side by side "
                              "(device_*: GPU time alone, without the launch)",
+                     "transports": "ms_* / gb_per_s per pull, launch to synchronised; "
+                                   "device_*: the GPU time of the pull's kernels and "
+                                   "copies (torch.profiler), on CUDA",
                      "methods": GATHER_METHODS, "results": baseline},
         "results": results, "errors": errors,
     }
