@@ -20,11 +20,8 @@ seat budget (``max_num_seqs``) in this order:
    then take the rest of the budget. A waiting sequence may preempt running ones of a
    strictly less important rank to get in (``preempt_for_priority``).
 
-A hand-off (:meth:`Scheduler.add_prefilled`, between steps) follows the same rule: it may
-preempt running sequences of a strictly less important rank when they can make its room, and
-it is not admitted while a preempted sequence of a more important rank waits (that one would
-preempt it at the next step), unless nothing runs and that one cannot get in (what it lacks
-may be the blocks pinned for the hand-off).
+A hand-off (``add_prefilled``, between steps) follows the same rule; its exceptions are in
+:mod:`~slaq.gpu_workers.engine.handoff_admission`.
 
 Preempted sequences keep their tokens, lose their KV and go back to the front of their rank
 in the waiting queue; they are recomputed as one prefill over prompt + generated tokens.
@@ -47,6 +44,7 @@ from collections.abc import Collection
 
 from slaq.gpu_workers.engine.block_manager import BlockManager
 from slaq.gpu_workers.engine.config import SchedulerConfig
+from slaq.gpu_workers.engine.handoff_admission import HandoffAdmission, NoRoomError
 from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from slaq.gpu_workers.engine.sequence import Sequence, SequenceStatus
 from slaq.gpu_workers.engine.waiting_queue import WaitingQueue
@@ -54,12 +52,11 @@ from slaq.gpu_workers.engine.waiting_queue import WaitingQueue
 PREFILL_DONE = "prefill_done"  # finish reason of a prefill_only sequence that holds a lease
 
 
-class NoRoomError(RuntimeError):
-    """No seat or KV blocks for a prefilled sequence now (see :meth:`Scheduler.add_prefilled`)."""
+class Scheduler(HandoffAdmission):
+    """Owns the waiting and running queues and the leases of one engine. Not thread-safe.
 
-
-class Scheduler:
-    """Owns the waiting and running queues and the leases of one engine. Not thread-safe."""
+    Hand-offs (``add_prefilled``) are admitted by the rules of
+    :mod:`~slaq.gpu_workers.engine.handoff_admission`."""
 
     def __init__(
         self,
@@ -77,6 +74,8 @@ class Scheduler:
         self._order: dict[str, int] = {}  # add() order, the final tie-breaker
         self._next_order = 0
         self._finished_in_schedule: list[Sequence] = []
+        # Hand-offs admitted past each waiting sequence of their own rank (handoff_admission).
+        self._num_bypasses: dict[str, int] = {}
         self.num_preemptions = 0
         self.last_batch_size = 0
         self.max_batch_size_seen = 0
@@ -136,67 +135,6 @@ class Scheduler:
             raise ValueError("prompt exceeds max_num_batched_tokens and chunked prefill is off")
         self._register(seq)
         self._waiting.push(seq, front=False)
-
-    def add_prefilled(self, seq: Sequence, num_cached_tokens: int = 0) -> list[int]:
-        """Run a sequence whose KV for all but its last token arrives by transfer.
-
-        ``seq`` carries the prompt and at least the first sampled token in
-        ``output_token_ids``. Its leading blocks are those the block manager pinned under its
-        request id (:meth:`BlockManager.pin_prefix`: cached here, their KV needs no transfer);
-        the rest are fresh. Every token but the last counts as computed, and it runs (its next
-        step is a decode of the last token). ``num_cached_tokens`` is what the prefill side
-        reported as cache hits (for usage).
-        Returns the block ids that must receive the transferred KV, in order, before the next
-        :meth:`schedule`: those after the pinned ones up to token ``num_tokens - 1``.
-        When it does not fit, running sequences of a strictly less important rank are
-        preempted for it (``preempt_for_priority``), as for a waiting admission, if they can
-        make the room. Raises ValueError for a sequence with nothing left to generate (or
-        pins that are not its prefix) and :class:`NoRoomError` when there is no room.
-        """
-        if seq.request_id in self._seqs:
-            raise ValueError(f"request {seq.request_id!r} is already scheduled")
-        if seq.num_output_tokens < 1 or seq.block_table:
-            raise ValueError("a prefilled sequence carries its first token and no blocks")
-        if (
-            seq.num_output_tokens >= seq.params.max_tokens
-            or seq.num_tokens >= self.config.max_model_len
-        ):
-            raise ValueError(f"request {seq.request_id!r} has nothing left to generate")
-        # Before any victim is preempted for it: a hand-off that fails anyway preempts none.
-        self.block_manager.check_pins(seq, seq.num_tokens - 1)
-        if not self.can_add_prefilled(seq) and not self._make_room_for_prefilled(seq):
-            raise NoRoomError(f"no seat or KV blocks for {seq.request_id!r}")
-        blocks = self.block_manager.allocate_prefilled(seq, seq.num_tokens - 1)
-        self._register(seq)
-        seq.num_cached_tokens = num_cached_tokens
-        seq.status = SequenceStatus.RUNNING
-        self._insert_running(seq)
-        return blocks
-
-    def can_add_prefilled(self, seq: Sequence) -> bool:
-        """Whether :meth:`add_prefilled` admits ``seq`` now without preempting anything: a
-        seat and blocks are free (blocks pinned for it are held already) and no more
-        important preempted sequence waits. False does not mean :meth:`add_prefilled` fails:
-        it may preempt less important sequences to make the room."""
-        bm = self.block_manager
-        num_new = bm.num_prefilled_new_blocks(seq)
-        return (
-            len(self._running) < self.config.max_num_seqs
-            and num_new <= bm.num_free_blocks
-            and not self._waits_for_more_important(seq)
-        )
-
-    def _waits_for_more_important(self, seq: Sequence) -> bool:
-        """A waiting sequence (a preempted one, on a decode worker) of a more important rank
-        goes first: admitted before it, ``seq`` would be preempted by it at the next step.
-
-        Unless that one cannot get in now and nothing runs whose end would free room: then
-        what it lacks may be exactly the blocks pinned for ``seq``, and deferring would wait
-        for ever (admitted, ``seq`` runs until the waiting one preempts it)."""
-        if not self._waiting:
-            return False
-        head = self._waiting.peek()
-        return head.rank < seq.rank and (bool(self._running) or self._fits(head))
 
     def finish(self, request_id: str, reason: str) -> Sequence | None:
         """End a sequence wherever it is (waiting, running or leased) and free its blocks.
@@ -299,6 +237,7 @@ class Scheduler:
         assert len(self._running) <= self.config.max_num_seqs
         ids = {s.request_id for s in waiting} | {s.request_id for s in self._running}
         assert ids | set(self._leased) == set(self._seqs), "sequence index out of sync"
+        assert set(self._num_bypasses) <= {s.request_id for s in waiting}
 
     # -------------------------------------------------------------- phases
 
@@ -392,6 +331,7 @@ class Scheduler:
             if self._chunk_size(left, budget) == 0:
                 return None
         self._waiting.pop(seq)
+        self._num_bypasses.pop(seq.request_id, None)
         bm.allocate(seq)
         num_new = self._chunk_size(seq.num_uncomputed_tokens, budget)
         assert num_new > 0
@@ -431,19 +371,6 @@ class Scheduler:
                     break
             self._preempt(victim, out)
         return refund
-
-    def _make_room_for_prefilled(self, seq: Sequence) -> bool:
-        """Preempt for a hand-off as :meth:`_make_room` does for a waiting sequence; whether
-        it now fits. Nothing is preempted when the victims cannot make the room."""
-        bm = self.block_manager
-        num_new = bm.num_prefilled_new_blocks(seq)
-        if self._waits_for_more_important(seq) or not self._victims_make_room(seq, num_new):
-            return False
-        while not self.can_add_prefilled(seq):
-            if not self._running or self._running[-1].rank <= seq.rank:
-                return False  # estimate was off (shared blocks); the victims wait to rerun
-            self._preempt(self._running[-1], None)
-        return True
 
     def _victims_make_room(self, seq: Sequence, num_new_blocks: int) -> bool:
         """Whether preempting running sequences of a strictly less important rank than
@@ -515,6 +442,10 @@ class Scheduler:
         self.block_manager.free(seq)
         self._seqs.pop(seq.request_id, None)
         self._order.pop(seq.request_id, None)
+        self._num_bypasses.pop(seq.request_id, None)
 
     def _insert_running(self, seq: Sequence) -> None:
         bisect.insort(self._running, seq, key=self._key)
+
+
+__all__ = ["PREFILL_DONE", "NoRoomError", "Scheduler"]
