@@ -194,8 +194,10 @@ def _device_times(fn: Any, iters: int, wall_s: float) -> list[float]:
 def _profiled_device_s(fn: Any, iters: int) -> float | None:
     """Mean GPU time of one call of ``fn``: every kernel and copy it launched, summed from a
     ``torch.profiler`` trace. For calls that synchronise inside (a transport's pull), where
-    events around the call would also time the host's launch and wait; None without CUDA
-    activity (a transport that copies outside torch)."""
+    events around the call would also time the host's launch and wait. Only this process's
+    work is seen (a ``cuda_ipc`` pull's copy runs here), and work on concurrent streams would
+    be summed, not overlapped: today's pulls use one stream. None without CUDA activity (a
+    transport that copies outside torch)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()

@@ -74,14 +74,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
-    # How many hand-offs of its own rank may be admitted past a preempted sequence waiting at
-    # the head before they wait behind it too: it bounds that sequence's wait, while the
-    # first few hand-offs, which need fewer blocks than its recompute, still go first.
-    max_handoff_bypasses: int = 8
 
     def __post_init__(self) -> None:
-        if self.max_handoff_bypasses < 0:
-            raise ValueError("max_handoff_bypasses must be >= 0")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:

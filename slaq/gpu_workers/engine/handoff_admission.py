@@ -7,14 +7,15 @@ sequences of a strictly less important rank when they can make its room, and it 
 admitted while a preempted sequence of a more important rank waits, since that one would
 preempt it at the next step.
 
-Two exceptions keep this live and fair:
+One exception keeps this live: when nothing runs and the waiting sequence cannot get in, what
+it lacks may be exactly the blocks pinned for the hand-off, so deferring would wait for ever;
+the hand-off goes first.
 
-* nothing runs and the waiting sequence cannot get in: what it lacks may be exactly the blocks
-  pinned for the hand-off, so deferring would wait for ever; the hand-off goes first;
-* a preempted sequence of the hand-off's own rank is passed by at most
-  ``SchedulerConfig.max_handoff_bypasses`` hand-offs; after that they wait behind it too.
-  Hand-offs need fewer blocks than its recompute, so without the bound a steady stream of
-  them would keep it waiting for as long as the stream lasts.
+Known limit: a preempted sequence waits behind hand-offs of its own rank, which are admitted
+while it cannot fit; a steady stream of them can keep it waiting. A bound on how many pass it
+was tried and dropped: counted per head it did not bound the wait of a sequence
+behind the head, and deferring to a head that lacks the blocks pinned for the deferring
+hand-offs starved both while anything more important ran.
 
 This is a part of :class:`~slaq.gpu_workers.engine.scheduler.Scheduler` (a mixin): the
 scheduler owns the queues, this module only holds the hand-off half of its rules.
@@ -46,7 +47,6 @@ class HandoffAdmission:
         _waiting: WaitingQueue
         _running: list[Sequence]
         _seqs: dict[str, Sequence]
-        _num_bypasses: dict[str, int]
 
         def _fits(self, seq: Sequence) -> bool: ...
         def _victims_make_room(self, seq: Sequence, num_new_blocks: int) -> bool: ...
@@ -84,7 +84,6 @@ class HandoffAdmission:
         if not self.can_add_prefilled(seq) and not self._make_room_for_prefilled(seq):
             raise NoRoomError(f"no seat or KV blocks for {seq.request_id!r}")
         blocks = self.block_manager.allocate_prefilled(seq, seq.num_tokens - 1)
-        self._count_bypass(seq)
         self._register(seq)
         seq.num_cached_tokens = num_cached_tokens
         seq.status = SequenceStatus.RUNNING
@@ -93,45 +92,35 @@ class HandoffAdmission:
 
     def can_add_prefilled(self, seq: Sequence) -> bool:
         """Whether :meth:`add_prefilled` admits ``seq`` now without preempting anything: a
-        seat and blocks are free (blocks pinned for it are held already) and no waiting
-        sequence goes first (see the module doc). False does not mean :meth:`add_prefilled`
+        seat and blocks are free (blocks pinned for it are held already) and no more
+        important preempted sequence waits (see the module doc). False does not mean :meth:`add_prefilled`
         fails: it may preempt less important sequences to make the room."""
         bm = self.block_manager
         num_new = bm.num_prefilled_new_blocks(seq)
         return (
             len(self._running) < self.config.max_num_seqs
             and num_new <= bm.num_free_blocks
-            and not self._defers_to_waiting(seq)
+            and not self._waits_for_more_important(seq)
         )
 
-    def _defers_to_waiting(self, seq: Sequence) -> bool:
-        """Whether the head of the waiting queue (a preempted sequence, on a decode worker)
-        goes before ``seq``: it is of a more important rank, or of the same rank and already
-        passed by ``max_handoff_bypasses`` hand-offs; and it can get in now or something
-        runs whose end will free room (else deferring could wait for ever)."""
+    def _waits_for_more_important(self, seq: Sequence) -> bool:
+        """A waiting sequence (a preempted one, on a decode worker) of a more important rank
+        goes first: admitted before it, ``seq`` would be preempted by it at the next step.
+
+        Unless that one cannot get in now and nothing runs whose end would free room: then
+        what it lacks may be exactly the blocks pinned for ``seq``, and deferring would wait
+        for ever (admitted, ``seq`` runs until the waiting one preempts it)."""
         if not self._waiting:
             return False
         head = self._waiting.peek()
-        first = head.rank < seq.rank or (
-            head.rank == seq.rank
-            and self._num_bypasses.get(head.request_id, 0) >= self.config.max_handoff_bypasses
-        )
-        return first and (bool(self._running) or self._fits(head))
-
-    def _count_bypass(self, seq: Sequence) -> None:
-        """``seq`` is admitted past the waiting head: count it when they share a rank."""
-        if self._waiting:
-            head = self._waiting.peek()
-            if head.rank == seq.rank:
-                self._num_bypasses[head.request_id] = self._num_bypasses.get(
-                    head.request_id, 0) + 1
+        return head.rank < seq.rank and (bool(self._running) or self._fits(head))
 
     def _make_room_for_prefilled(self, seq: Sequence) -> bool:
         """Preempt for a hand-off as ``Scheduler._make_room`` does for a waiting sequence;
         whether it now fits. Nothing is preempted when the victims cannot make the room."""
         bm = self.block_manager
         num_new = bm.num_prefilled_new_blocks(seq)
-        if self._defers_to_waiting(seq) or not self._victims_make_room(seq, num_new):
+        if self._waits_for_more_important(seq) or not self._victims_make_room(seq, num_new):
             return False
         while not self.can_add_prefilled(seq):
             if not self._running or self._running[-1].rank <= seq.rank:

@@ -74,8 +74,6 @@ class Scheduler(HandoffAdmission):
         self._order: dict[str, int] = {}  # add() order, the final tie-breaker
         self._next_order = 0
         self._finished_in_schedule: list[Sequence] = []
-        # Hand-offs admitted past each waiting sequence of their own rank (handoff_admission).
-        self._num_bypasses: dict[str, int] = {}
         self.num_preemptions = 0
         self.last_batch_size = 0
         self.max_batch_size_seen = 0
@@ -237,7 +235,6 @@ class Scheduler(HandoffAdmission):
         assert len(self._running) <= self.config.max_num_seqs
         ids = {s.request_id for s in waiting} | {s.request_id for s in self._running}
         assert ids | set(self._leased) == set(self._seqs), "sequence index out of sync"
-        assert set(self._num_bypasses) <= {s.request_id for s in waiting}
 
     # -------------------------------------------------------------- phases
 
@@ -331,7 +328,6 @@ class Scheduler(HandoffAdmission):
             if self._chunk_size(left, budget) == 0:
                 return None
         self._waiting.pop(seq)
-        self._num_bypasses.pop(seq.request_id, None)
         bm.allocate(seq)
         num_new = self._chunk_size(seq.num_uncomputed_tokens, budget)
         assert num_new > 0
@@ -442,7 +438,6 @@ class Scheduler(HandoffAdmission):
         self.block_manager.free(seq)
         self._seqs.pop(seq.request_id, None)
         self._order.pop(seq.request_id, None)
-        self._num_bypasses.pop(seq.request_id, None)
 
     def _insert_running(self, seq: Sequence) -> None:
         bisect.insort(self._running, seq, key=self._key)

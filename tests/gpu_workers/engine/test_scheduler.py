@@ -33,14 +33,12 @@ def make_sched(
     chunked: bool = True,
     prefix_caching: bool = True,
     preempt_for_priority: bool = True,
-    max_handoff_bypasses: int = 8,
 ) -> Scheduler:
     cfg = SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len,
         enable_chunked_prefill=chunked,
-        max_handoff_bypasses=max_handoff_bypasses,
     )
     bm = BlockManager(num_blocks, BS, enable_prefix_caching=prefix_caching)
     return Scheduler(cfg, bm, preempt_for_priority=preempt_for_priority)
@@ -751,42 +749,6 @@ def test_a_hand_off_waits_behind_a_more_important_preempted_sequence() -> None:
     assert not sched.can_add_prefilled(batch)
     flex_again = _handoff("flex2", 3, 4, rank=2)  # the same tier as the waiting one may go
     assert sched.can_add_prefilled(flex_again) == (sched.block_manager.num_free_blocks >= 1)
-
-
-@pytest.mark.parametrize("bound", [0, 2, 3])
-def test_a_preempted_sequence_is_passed_by_at_most_the_bound_of_its_tiers_hand_offs(
-    bound: int,
-) -> None:
-    """Hand-offs of its own rank need fewer blocks than a preempted sequence's recompute, so
-    a stream of them could keep it waiting as long as the stream lasts: after
-    ``max_handoff_bypasses`` of them went first, the next waits behind it (found in review)."""
-    sched = make_sched(num_blocks=8, max_num_seqs=8, max_handoff_bypasses=bound)
-    low = _handoff("low", 15, 8, rank=3)  # 4 blocks
-    sched.add_prefilled(low)
-    sched.add_prefilled(_handoff("mid", 7, 4, rank=1))  # 2 blocks
-    step(sched)
-    sched.add_prefilled(_handoff("urgent", 11, 4, rank=0))  # 3 blocks: low is preempted
-    assert low.status is SequenceStatus.WAITING and sched.block_manager.num_free_blocks == 3
-    assert not sched.block_manager.can_allocate(low)  # its recompute needs 5
-    admitted = []
-    for i in range(3):  # one block each: every one of them fits
-        short = _handoff(f"short{i}", 3, 4, rank=3)
-        if not sched.can_add_prefilled(short):
-            with pytest.raises(NoRoomError):
-                sched.add_prefilled(short)
-            break
-        sched.add_prefilled(short)
-        admitted.append(short.request_id)
-        sched.check_integrity()
-    assert len(admitted) == bound
-    run = run_all(sched)
-    assert {s.request_id for s in run.finished} == {"low", "mid", "urgent", *admitted}
-    assert low.output_token_ids == _alone(low)
-
-
-def test_max_handoff_bypasses_cannot_be_negative() -> None:
-    with pytest.raises(ValueError, match="max_handoff_bypasses"):
-        SchedulerConfig(max_handoff_bypasses=-1)
 
 
 def test_a_hand_off_whose_pins_a_waiting_sequence_lacks_is_admitted_when_nothing_runs() -> None:
