@@ -241,11 +241,34 @@ def prefix(out: Path) -> None:
     _plot(plot_prefix, result, out / "prefix_cache.png")
 
 
+def prefix_profile(out: Path) -> None:
+    """Where the TTFT of a request behind a cached 1,024-token prefix goes (host vs kernels)."""
+    from gpu_profile import profile_prefix
+
+    from slaq.bench.prefix import PrefixBenchConfig, build_prefix_engine
+    from slaq.gpu_workers.engine.config import SamplingParams
+
+    cfg = PrefixBenchConfig(model=_model(), device="cuda", dtype="bfloat16")
+    engine = build_prefix_engine(cfg)
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(3, 32000, (cfg.prefix_len,), generator=gen).tolist()
+    suffix = torch.randint(3, 32000, (cfg.suffix_len,), generator=gen).tolist()
+    engine.add_request("first", prefix + [1] * cfg.suffix_len,
+                       SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    result = {"bench": "prefix_profile", "device": torch.cuda.get_device_name(),
+              **profile_prefix(engine, prefix, suffix)}
+    _write(out, "prefix_profile", result)
+    engine.close()
+
+
 def main() -> None:
     step, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     {"transfer": transfer, "engine": engine, "parity": parity, "kernels": kernels,
-     "breakdown": breakdown, "prefix": prefix}[step](out)
+     "breakdown": breakdown, "prefix": prefix,
+     "prefix_profile": prefix_profile}[step](out)
 
 
 if __name__ == "__main__":

@@ -82,8 +82,9 @@ for s in ${SLAQ_GPU_STEPS:-transfer engine breakdown parity kernels gpu_tests}; 
     parity) step parity 60 "$PY" scripts/gpu_bench.py parity "$WORK" ;;
     kernels) step kernels 30 "$PY" scripts/gpu_bench.py kernels "$WORK" ;;
     prefix) step prefix 90 "$PY" scripts/gpu_bench.py prefix "$WORK" ;;
+    prefix_profile) step prefix_profile 90 "$PY" scripts/gpu_bench.py prefix_profile "$WORK" ;;
     calibrate) step calibrate 150 "$PY" scripts/gpu_calibrate.py "$WORK" ;;
-    gpu_tests) step gpu_tests 100 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+    gpu_tests) step gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
       -W default ${SLAQ_GPU_TESTS:-tests/gpu} --junitxml="$WORK/gpu_tests.xml" ;;
     *) echo "unknown step $s" ;;
   esac

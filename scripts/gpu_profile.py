@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,3 +72,58 @@ def profile_decode(engine: Any, num_steps: int = 20) -> dict[str, Any]:
                 torch.cuda.synchronize()
         result["eager_forward"] = _kernel_table(prof, num_steps)
     return result
+
+
+def profile_prefix(engine: Any, prefix: list[int], suffix: list[int], rounds: int = 5,
+                   top: int = 25) -> dict[str, Any]:
+    """Where the time to first token of a request whose prefix is cached goes.
+
+    ``engine`` has ``prefix`` cached already. Each round sends ``prefix + suffix`` (a fresh
+    request id, one token) and records it with ``torch.profiler`` (host ops and kernels) and,
+    in a separate run, with ``cProfile`` (Python functions): the TTFT's host share is the wall
+    time minus the kernels' busy time."""
+    import cProfile
+    import pstats
+
+    from slaq.gpu_workers.engine.config import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+    def one(tag: str) -> float:
+        t0 = time.perf_counter()
+        engine.add_request(tag, prefix + suffix, params)
+        while engine.has_unfinished():
+            engine.step()
+        return time.perf_counter() - t0
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    one("warm-0")
+    walls = [one(f"plain-{i}") for i in range(rounds)]
+    with profile(activities=activities) as prof:
+        for i in range(rounds):
+            one(f"prof-{i}")
+        if cuda:
+            torch.cuda.synchronize()
+    host_ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    prof_py = cProfile.Profile()
+    prof_py.enable()
+    for i in range(rounds):
+        one(f"cprof-{i}")
+    prof_py.disable()
+    stats = pstats.Stats(prof_py)
+    funcs = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[:top]  # cumulative time
+    own = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # own time
+    return {
+        "ttft_ms": [round(w * 1e3, 3) for w in walls],
+        "kernels": _kernel_table(prof, rounds, top),
+        "host_ops_self_us_per_request": [
+            {"name": e.key[:100], "us": round(e.self_cpu_time_total / rounds, 1),
+             "calls": round(e.count / rounds, 2)} for e in host_ops],
+        "python_cumulative_us_per_request": [
+            {"func": f"{Path(f[0]).name}:{f[1]}:{f[2]}", "us": round(v[3] / rounds * 1e6, 1),
+             "calls": round(v[1] / rounds, 2)} for f, v in funcs],
+        "python_own_us_per_request": [
+            {"func": f"{Path(f[0]).name}:{f[1]}:{f[2]}", "us": round(v[2] / rounds * 1e6, 1),
+             "calls": round(v[1] / rounds, 2)} for f, v in own],
+    }

@@ -185,7 +185,11 @@ class CudaGraphModelRunner(ModelRunner):
         logits, greedy_ids = self.graphs.run(rows.token_ids, rows.positions, rows.slots,
                                              rows.block_tables)
         if len(rows.sample_indices) != len(rows.token_ids):
-            idx = torch.tensor(rows.sample_indices, dtype=torch.long, device=logits.device)
+            # From pinned memory, asynchronously: a plain torch.tensor(..., device=cuda) is a
+            # blocking copy that would wait for the replay, and the host work of ``overlap``
+            # would no longer hide behind it.
+            idx = torch.tensor(rows.sample_indices, dtype=torch.long, pin_memory=True).to(
+                logits.device, non_blocking=True)
             logits, greedy_ids = logits.index_select(0, idx), greedy_ids.index_select(0, idx)
         if overlap is not None:
             overlap()  # the replay is queued: host work here hides behind it

@@ -29,6 +29,20 @@ def test_batch_of_different_lengths_equals_one_at_a_time(make_engine, tiny_promp
     assert eng.stats().max_batch_size_seen == len(tiny_prompts)
 
 
+@pytest.mark.parametrize("bad", [-1, "vocab"])
+def test_prompt_ids_out_of_the_vocabulary_are_refused_before_anything_is_queued(
+    make_engine, tiny_prompts, bad,
+):
+    eng = make_engine()
+    vocab = eng.model_config.vocab_size
+    prompt = [*tiny_prompts[0], vocab if bad == "vocab" else bad]
+    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, "):
+        eng.add_request("bad", prompt, GREEDY)
+    assert not eng.has_unfinished()
+    edge = [*tiny_prompts[0], 0, vocab - 1]  # both ends of the range are ids
+    assert eng.generate([edge], GREEDY)[0].token_ids
+
+
 def test_small_token_budget_chunks_prefills_without_changing_tokens(make_engine, tiny_prompts):
     ref = [c.token_ids for c in make_engine().generate(tiny_prompts, GREEDY)]
     chunked = make_engine(max_num_batched_tokens=7)
