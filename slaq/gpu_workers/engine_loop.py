@@ -42,6 +42,13 @@ class EngineLoopError(RuntimeError):
     """The loop is stopped or the engine failed; the request cannot complete here."""
 
 
+class HandoffRetry(EngineLoopError):
+    """A hand-off waited for room that nothing here would free (no request runs and the
+    blocks it lacks are pinned for other waiting hand-offs, or held by waiting sequences that
+    cannot get in either): it was dropped, its pins given back, and the request should be
+    prefilled again (a new attempt) rather than failed."""
+
+
 @dataclass(slots=True)
 class LoopStats:
     """What the loop adds to the engine's own stats (for heartbeats)."""
@@ -82,7 +89,8 @@ class RequestHandle:
     def outputs(self, timeout_s: float) -> Iterator[RequestOutput]:
         """Yield outputs until the finished one (included).
 
-        Raises :class:`EngineLoopError` if the engine fails or nothing comes for ``timeout_s``.
+        Raises :class:`EngineLoopError` if the engine fails or nothing comes for ``timeout_s``
+        (:class:`HandoffRetry` for a hand-off sent back to be prefilled again).
         """
         while True:
             try:
@@ -90,6 +98,8 @@ class RequestHandle:
             except queue.Empty:
                 raise EngineLoopError(
                     f"request {self.request_id}: no output for {timeout_s}s") from None
+            if isinstance(item, EngineLoopError):
+                raise item  # already says which request, and its kind matters (HandoffRetry)
             if isinstance(item, BaseException):
                 raise EngineLoopError(f"request {self.request_id}: {item}") from item
             yield item
@@ -208,7 +218,11 @@ class EngineLoop:
         def do(engine: Any) -> None:
             self._handles.pop(request_id, None)
             self._leases.pop(request_id, None)
-            engine.abort(request_id)  # also frees a leased request's blocks
+            # A hand-off still waiting leaves the queue now, not when it reaches the head:
+            # until then its blocks would count as reserved in the heartbeats.
+            for pending in [p for p in self._pending if p.request_id == request_id]:
+                self._pending.remove(pending)
+            engine.abort(request_id)  # also frees a leased request's blocks and pins
 
         self.call(do)
 
@@ -264,17 +278,22 @@ class EngineLoop:
             try:
                 pending.add(self.engine)
             except NoRoomError as exc:
-                if self.engine.has_unfinished():
-                    return  # running requests will free room
-                # Nothing runs. Blocks pinned for other hand-offs may be what it lacks: one
-                # queued behind it that fits goes first (it finishes and gives them back),
-                # and pins of pulls still in flight end soon (added or released).
+                if self.engine.can_progress() or self._leases:
+                    return  # running requests (or leases ending) will free room
+                # Nothing runs, and the waiting sequences cannot get in either. Blocks pinned
+                # for other hand-offs may be what it lacks: one queued behind it that fits goes
+                # first (it finishes and gives them back), and pins of pulls still in flight
+                # end soon (added or released).
                 if self._admit_one_behind():
                     continue
                 others = self.engine.pinned_requests() - {pending.request_id}
                 if others - {p.request_id for p in self._pending}:
                     return
-                self._drop_head(exc)  # it never will fit
+                # Nothing here would free its room (the pool could hold it: that is checked
+                # on add): give its pins back, which may be what the others lack, and let
+                # the request be prefilled again.
+                self._drop_head(HandoffRetry(f"request {pending.request_id}: {exc}; "
+                                             f"nothing running here would free room"))
                 continue
             except Exception as exc:  # noqa: BLE001 - belongs to that request only
                 self._drop_head(exc)
@@ -311,10 +330,12 @@ class EngineLoop:
         next_lease_check = 0.0
         try:
             while not self._stop.is_set():
-                busy = self.engine.has_unfinished()
+                # Waiting sequences that cannot get in do not make the loop busy: stepping
+                # would spin; a command (a hand-off, an abort) or a lease check changes that.
+                busy = self.engine.can_progress()
                 self._drain_commands(block_s=None if busy else self._lease_check_interval_s)
                 self._admit_pending()
-                if self.engine.has_unfinished():
+                if self.engine.can_progress():
                     self._step()
                 now = time.monotonic()
                 if now >= next_lease_check:

@@ -28,7 +28,7 @@ import redis
 from slaq.gpu_workers.engine.block_manager import block_hashes
 from slaq.gpu_workers.engine.config import SamplingParams
 from slaq.gpu_workers.engine.outputs import RequestOutput
-from slaq.gpu_workers.engine_loop import EngineLoop
+from slaq.gpu_workers.engine_loop import EngineLoop, HandoffRetry
 from slaq.gpu_workers.kv_transfer.base import TransferError, Transport
 from slaq.gpu_workers.kv_transfer.lease import Lease, LeaseStore
 from slaq.gpu_workers.router import DecodeRouter
@@ -204,6 +204,7 @@ class WorkerService:
                 return self._prefill_and_decode(item, attempt, eid)
             return self._prefill_only(item, attempt, eid)
         except Exception as exc:
+            self._abandon(eid)
             self._fail(item, attempt, exc)
             raise
 
@@ -283,13 +284,7 @@ class WorkerService:
         try:
             pulled = self._pull(item, attempt, eid)
             if pulled is None:
-                if attempt >= MAX_ATTEMPTS:
-                    raise TransferError(f"KV hand-off failed {attempt} times")
-                new_attempt = self.ledger.retry(request_id, attempt, "kv lease lost")
-                if new_attempt is None:
-                    return Outcome("dropped", "the request moved on")
-                self._send_prefill(request_id, new_attempt, item.tier)
-                return Outcome("retried", f"no lease; re-prefill as attempt {new_attempt}")
+                return self._re_prefill(item, attempt, "kv lease lost")
             kv, lease, reused = pulled
             cached = int(lease.descriptor.get("cached_tokens", "0") or 0)
             try:
@@ -302,12 +297,36 @@ class WorkerService:
             progress = _Progress(token_ids=[lease.first_token_id],
                                  text=lease.descriptor.get("first_text", ""),
                                  num_cached_tokens=cached)
-            self._stream(item, attempt, handle.outputs(OUTPUT_TIMEOUT_S), progress)
+            try:
+                self._stream(item, attempt, handle.outputs(OUTPUT_TIMEOUT_S), progress)
+            except HandoffRetry as exc:  # dropped before it ever ran: nothing was streamed
+                log.warning("%s", exc)
+                return self._re_prefill(item, attempt, "no room on the decode worker")
             return Outcome("finished", f"{len(progress.token_ids)} tokens; "
                                        f"{reused} of {len(lease.block_ids)} KV blocks cached here")
         except Exception as exc:
+            self._abandon(eid)
             self._fail(item, attempt, exc)
             raise
+
+    def _re_prefill(self, item: WorkItem, attempt: int, reason: str) -> Outcome:
+        """Give the request a new attempt from the prefill queue (a hand-off that could not
+        be completed here); fails it after :data:`MAX_ATTEMPTS`."""
+        if attempt >= MAX_ATTEMPTS:
+            raise TransferError(f"KV hand-off failed {attempt} times ({reason})")
+        new_attempt = self.ledger.retry(item.request_id, attempt, reason)
+        if new_attempt is None:
+            return Outcome("dropped", "the request moved on")
+        self._send_prefill(item.request_id, new_attempt, item.tier)
+        return Outcome("retried", f"{reason}; re-prefill as attempt {new_attempt}")
+
+    def _abandon(self, eid: str) -> None:
+        """Drop a failed attempt from the engine (a hand-off still waiting for room, a
+        request whose outputs timed out): otherwise it runs, or holds its pins, for nobody."""
+        try:
+            self.loop.abort(eid)
+        except Exception:  # noqa: BLE001 - a dead loop holds nothing any more
+            log.debug("could not abort %s", eid, exc_info=True)
 
     def _pull(self, item: WorkItem, attempt: int,
               eid: str) -> tuple[Any, Lease, int] | None:
@@ -320,9 +339,11 @@ class WorkerService:
         puller = self.pullers.get(lease.transport)
         if puller is None:
             raise TransferError(f"this worker cannot pull over {lease.transport!r}")
-        reused = self._reserve(eid, item, lease)
         pulled = False  # until then, any way out gives the pins back
         try:
+            # In the try: a reserve whose call timed out may still pin after it, and the
+            # unpin queued behind it on the loop gives those pins back.
+            reused = self._reserve(eid, item, lease)
             part = lease.tail(reused, self.loop.engine.config.cache.block_size)
             try:
                 kv = None if part is None else puller.pull(part)

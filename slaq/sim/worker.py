@@ -98,11 +98,12 @@ class SimWorker:
             if self._try_admit(self.pending[0]):
                 done.append(self.pending.popleft())
                 continue
-            if sched.num_running or sched.num_waiting:
-                return done  # running requests will free room
-            # Nothing runs (the engine loop's rule). Blocks pinned for hand-offs queued behind
-            # may be what the head lacks: one of them that fits goes first and gives them
-            # back when it finishes; pins of transfers still in flight end when they arrive.
+            if sched.num_running or sched.can_admit_waiting():
+                return done  # running requests will free room (or a waiting one gets in)
+            # Nothing runs, and no waiting sequence can get in (the engine loop's rule).
+            # Blocks pinned for hand-offs queued behind may be what the head lacks: one of
+            # them that fits goes first and gives them back when it finishes; pins of
+            # transfers still in flight end when they arrive.
             behind = next((h for h in list(self.pending)[1:] if self._try_admit(h)), None)
             if behind is not None:
                 self.pending.remove(behind)
@@ -111,8 +112,9 @@ class SimWorker:
             waiting = {h.seq.request_id for h in self.pending}
             if self.block_manager.pinned_keys() - waiting:
                 return done
-            # Where the live loop fails the head, give back the pins of those behind it
-            # instead (their KV stays modelled as moved): a request is never lost to pins.
+            # Where the live loop sends the head back to be prefilled again (HandoffRetry),
+            # give back the pins of those behind it instead (their KV stays modelled as
+            # moved): a request is never lost to pins.
             head = self.pending[0].seq.request_id
             freed = sum(self.block_manager.unpin(k) for k in waiting - {head})
             self.num_pins_dropped += freed

@@ -345,6 +345,18 @@ class BlockManager:
         self._num_committed.pop(seq.request_id, None)
         self._holders.pop(seq.request_id, None)
 
+    def uncache(self, block_ids: list[int]) -> int:
+        """Take ``block_ids`` out of the prefix cache (their KV is not what their hash says: a
+        hand-off whose KV write failed); they stay held. Returns how many were registered."""
+        n = 0
+        for block in block_ids:
+            h = self._block_hash[block]
+            if h is not None and self._hash_to_block.get(h) == block:
+                del self._hash_to_block[h]
+                self._block_hash[block] = None
+                n += 1
+        return n
+
     def num_exclusive_blocks(self, seq: Sequence) -> int:
         """Blocks that freeing ``seq`` would return to the pool (those only it references)."""
         return sum(1 for b in seq.block_table if self._ref_counts[b] == 1)

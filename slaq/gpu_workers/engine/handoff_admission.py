@@ -67,8 +67,9 @@ class HandoffAdmission:
         :meth:`schedule`: those after the pinned ones up to token ``num_tokens - 1``.
         When it does not fit, running sequences of a strictly less important rank are
         preempted for it (``preempt_for_priority``), as for a waiting admission, if they can
-        make the room. Raises ValueError for a sequence with nothing left to generate (or
-        pins that are not its prefix) and :class:`NoRoomError` when there is no room.
+        make the room. Raises ValueError for a sequence with nothing left to generate, one
+        the whole pool could not hold, or pins that are not its prefix, and
+        :class:`NoRoomError` when there is no room now.
         """
         if seq.request_id in self._seqs:
             raise ValueError(f"request {seq.request_id!r} is already scheduled")
@@ -79,6 +80,11 @@ class HandoffAdmission:
             or seq.num_tokens >= self.config.max_model_len
         ):
             raise ValueError(f"request {seq.request_id!r} has nothing left to generate")
+        bm = self.block_manager
+        if bm.num_blocks_for(seq.num_tokens) > bm.num_blocks:
+            bm.unpin(seq.request_id)
+            raise ValueError(f"request {seq.request_id!r} needs more KV blocks than the pool "
+                             f"has ({bm.num_blocks})")
         # Before any victim is preempted for it: a hand-off that fails anyway preempts none.
         self.block_manager.check_pins(seq, seq.num_tokens - 1)
         if not self.can_add_prefilled(seq) and not self._make_room_for_prefilled(seq):

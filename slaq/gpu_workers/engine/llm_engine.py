@@ -195,6 +195,12 @@ class LLMEngine:
         # KV (and could have preempted others for nothing).
         num_needed = bm.num_prefilled_kv_blocks(request_id, seq.num_tokens - 1)
         have = 0 if kv is None else int(kv.shape[2])
+        pool = self.runner.kv_shape
+        if kv is not None and (kv.dim() != len(pool) or tuple(kv.shape[:2]) != pool[:2]
+                               or tuple(kv.shape[3:]) != pool[3:]):
+            bm.unpin(request_id)
+            raise ValueError(f"kv blocks shaped {tuple(kv.shape)} do not fit this engine's "
+                             f"pool {tuple(pool)} (another block size or model?)")
         if num_needed and have != num_needed and have < num_pinned + num_needed:
             bm.unpin(request_id)
             raise ValueError(f"kv has {have} blocks, the prompt needs {num_needed} "
@@ -203,7 +209,14 @@ class LLMEngine:
         assert len(blocks) == num_needed
         if blocks:
             rows = kv if have == num_needed else kv[:, :, num_pinned:num_pinned + num_needed]
-            self.runner.write_blocks(blocks, rows)
+            try:
+                self.runner.write_blocks(blocks, rows)
+            except BaseException:
+                # Allocation registered these blocks in the prefix cache: without their KV
+                # they must not be found, and the request must not run for nobody.
+                bm.uncache(blocks)
+                self.scheduler.abort(request_id)
+                raise
         detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop)
         detok.add([first_token_id])  # its text was streamed by the prefill side
         self._detok[request_id] = detok
@@ -245,6 +258,13 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         """True while anything is queued, running, or has outputs not yet returned."""
         return self._pending is not None or self.scheduler.has_unfinished()
+
+    def can_progress(self) -> bool:
+        """Whether a :meth:`step` would do work now: outputs are pending, something runs, or
+        the head of the waiting queue can be acted on. False while only waiting sequences
+        that cannot get in remain (what they lack may be blocks pinned for hand-offs)."""
+        s = self.scheduler
+        return self._pending is not None or s.num_running > 0 or s.can_admit_waiting()
 
     # -- disaggregation ----------------------------------------------------------------
 

@@ -101,6 +101,14 @@ class Scheduler(HandoffAdmission):
         """True while any sequence waits or runs (leases do not count)."""
         return bool(self._running) or len(self._waiting) > 0
 
+    def can_admit_waiting(self) -> bool:
+        """Whether the next :meth:`schedule` acts on the head of the waiting queue without
+        anything running: it fits now, or it never will (the step ends it)."""
+        if not self._waiting:
+            return False
+        head = self._waiting.peek()
+        return self._fits(head) or self._never_fits(head.num_tokens)
+
     def get(self, request_id: str) -> Sequence | None:
         """The waiting, running or leased sequence with this id."""
         return self._seqs.get(request_id)

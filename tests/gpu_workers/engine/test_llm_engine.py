@@ -8,6 +8,7 @@ import pytest
 from slaq.gpu_workers.engine.config import SamplingParams
 from slaq.gpu_workers.engine.loader import apply_chat_template
 from slaq.gpu_workers.engine.scheduler import PREFILL_DONE, NoRoomError
+from slaq.gpu_workers.engine.sequence import Sequence
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -162,15 +163,66 @@ def test_disaggregated_prefill_then_decode_equals_aggregated(make_engine, tiny_p
     assert prefill.leased_blocks("r") == [] and prefill.stats().num_blocks_used < used
 
 
-def test_add_prefilled_without_room_raises(make_engine, tiny_prompts):
-    prefill, decode = make_engine(num_blocks=64), make_engine(num_blocks=2)
-    prompt = tiny_prompts[2]
-    params = SamplingParams(temperature=0.0, max_tokens=8)
+def _cached_tokens(engine, prompt: list[int]) -> int:
+    """Prompt tokens the engine's prefix cache would supply to a new request."""
+    probe = Sequence("probe", [*prompt, 7], SamplingParams(max_tokens=1))
+    return engine.block_manager.lookup_prefix(probe)
+
+
+def _leased_kv(prefill, prompt, params):
     prefill.add_request("r", prompt, params, prefill_only=True)
     [first] = prefill.step()
-    kv = prefill.read_blocks(prefill.leased_blocks("r"))
-    with pytest.raises(NoRoomError):
-        decode.add_prefilled_request("r", prompt, first.new_token_ids[0], params, kv)
+    return first.new_token_ids[0], prefill.read_blocks(prefill.leased_blocks("r"))
+
+
+def test_add_prefilled_without_room_raises(make_engine, tiny_prompts):
+    prompt = tiny_prompts[2]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    first, kv = _leased_kv(make_engine(num_blocks=64), prompt, params)
+    decode = make_engine(num_blocks=64, max_num_seqs=1)
+    decode.add_request("busy", tiny_prompts[0], GREEDY)
+    decode.step()
+    with pytest.raises(NoRoomError):  # no seat now: it may wait
+        decode.add_prefilled_request("r", prompt, first, params, kv)
+    with pytest.raises(ValueError, match="more KV blocks than the pool"):  # never: refused
+        make_engine(num_blocks=2).add_prefilled_request("r", prompt, first, params, kv)
+
+
+def test_a_hand_off_whose_kv_does_not_fit_the_pool_is_refused_before_it_is_scheduled(
+    make_engine, tiny_prompts,
+):
+    """A prefill worker with another block size sends blocks of another shape: refused
+    before the scheduler takes the request (found in review: it used to run for nobody, and
+    its never-written blocks stayed in the prefix cache)."""
+    prompt = tiny_prompts[2]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    first, kv = _leased_kv(make_engine(num_blocks=64, block_size=2), prompt, params)
+    decode = make_engine(num_blocks=64)
+    with pytest.raises(ValueError, match="do not fit this engine's pool"):
+        decode.add_prefilled_request("r", prompt, first, params, kv)
+    assert not decode.has_unfinished() and decode.scheduler.get("r") is None
+    assert _cached_tokens(decode, prompt) == 0
+
+
+def test_a_hand_off_whose_kv_write_fails_leaves_nothing_scheduled_or_cached(
+    make_engine, tiny_prompts,
+):
+    prompt = tiny_prompts[2]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    first, kv = _leased_kv(make_engine(num_blocks=64), prompt, params)
+    decode = make_engine(num_blocks=64)
+    free = decode.block_manager.num_free_blocks
+
+    def broken(block_ids, rows):  # a device that runs out of memory mid-copy
+        raise RuntimeError("out of memory")
+
+    decode.runner.write_blocks = broken
+    with pytest.raises(RuntimeError, match="out of memory"):
+        decode.add_prefilled_request("r", prompt, first, params, kv)
+    assert not decode.has_unfinished() and decode.scheduler.get("r") is None
+    assert _cached_tokens(decode, prompt) == 0
+    assert decode.block_manager.num_free_blocks == free
+    decode.block_manager.check_integrity()
 
 
 def test_abort_frees_everything(make_engine, tiny_prompts):

@@ -415,12 +415,17 @@ def test_prefill_then_decode_elsewhere_gives_the_same_tokens() -> None:
 
 
 def test_add_prefilled_refuses_without_room_or_work() -> None:
-    sched = make_sched(num_blocks=2)
+    sched = make_sched(num_blocks=4)
+    sched.add_prefilled(_handoff("busy", 7, 4))  # 2 blocks
     seq = make_seq("r", num_prompt=8, max_tokens=4)
-    seq.append_token(5)  # 9 tokens: 3 blocks
+    seq.append_token(5)  # 9 tokens: 3 blocks, 2 free: it may wait
     assert not sched.can_add_prefilled(seq)
     with pytest.raises(NoRoomError):
         sched.add_prefilled(seq)
+    bigger = make_seq("big", num_prompt=16, max_tokens=4)
+    bigger.append_token(5)  # 17 tokens: 5 blocks, more than the pool: it never fits
+    with pytest.raises(ValueError, match="more KV blocks than the pool"):
+        sched.add_prefilled(bigger)
     done = make_seq("done", num_prompt=3, max_tokens=1)
     done.append_token(5)
     with pytest.raises(ValueError):
