@@ -131,6 +131,9 @@ def _sim_runner(profile: Any, speed: float) -> Any:
         def read_blocks(self, block_ids: list[int]) -> Any:
             return _placeholder_kv(len(block_ids))
 
+        def check_blocks(self, kv: Any) -> None:
+            return None  # placeholders of any shape: nothing is written
+
         def write_blocks(self, block_ids: list[int], kv: Any) -> None:
             return None
 

@@ -195,12 +195,12 @@ class LLMEngine:
         # KV (and could have preempted others for nothing).
         num_needed = bm.num_prefilled_kv_blocks(request_id, seq.num_tokens - 1)
         have = 0 if kv is None else int(kv.shape[2])
-        pool = self.runner.kv_shape
-        if kv is not None and (kv.dim() != len(pool) or tuple(kv.shape[:2]) != pool[:2]
-                               or tuple(kv.shape[3:]) != pool[3:]):
-            bm.unpin(request_id)
-            raise ValueError(f"kv blocks shaped {tuple(kv.shape)} do not fit this engine's "
-                             f"pool {tuple(pool)} (another block size or model?)")
+        if kv is not None:
+            try:
+                self.runner.check_blocks(kv)
+            except ValueError:
+                bm.unpin(request_id)
+                raise
         if num_needed and have != num_needed and have < num_pinned + num_needed:
             bm.unpin(request_id)
             raise ValueError(f"kv has {have} blocks, the prompt needs {num_needed} "

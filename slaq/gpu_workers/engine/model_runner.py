@@ -117,6 +117,16 @@ class ModelRunner:
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         return self.kv_cache.index_select(2, idx)
 
+    def check_blocks(self, kv: torch.Tensor) -> None:
+        """Raise ValueError unless ``kv`` holds blocks of this pool's shape (any count): a
+        hand-off from a worker with another block size or model is refused before anything
+        is allocated for it."""
+        pool = self.kv_shape
+        if kv.dim() != len(pool) or tuple(kv.shape[:2]) != pool[:2] or \
+                tuple(kv.shape[3:]) != pool[3:]:
+            raise ValueError(f"kv blocks shaped {tuple(kv.shape)} do not fit this engine's "
+                             f"pool {tuple(pool)} (another block size or model?)")
+
     def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
         """Store ``kv`` (shaped as :meth:`read_blocks` returns) into the given blocks."""
         expected = (*self.kv_shape[:2], len(block_ids), *self.kv_shape[3:])
