@@ -8,6 +8,7 @@ import time
 import pytest
 
 from slaq.gpu_workers.engine.config import SamplingParams
+from slaq.gpu_workers.engine.testing import prefill_elsewhere
 from slaq.gpu_workers.engine_loop import EngineLoop, HandoffRetry, drain, iter_ids
 
 SHORT = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -16,12 +17,8 @@ ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
 def _prefilled(make_engine, prompt: list[int], params: SamplingParams):
     """Prefill ``prompt`` on a separate engine: its first token and all its KV blocks."""
-    source = make_engine()
-    source.add_request("src", prompt, params, prefill_only=True)
-    outs: list = []
-    while not outs or not outs[-1].finished:
-        outs += source.step()
-    return outs[-1].new_token_ids[0], source.read_blocks(source.leased_blocks("src"))
+    first, kv = prefill_elsewhere(make_engine(), prompt, params)
+    return first.new_token_ids[0], kv
 
 
 @pytest.fixture()

@@ -12,6 +12,7 @@ import redis
 
 from slaq.gpu_workers.engine.block_manager import block_hashes
 from slaq.gpu_workers.engine.config import SamplingParams
+from slaq.gpu_workers.engine.testing import prefill_elsewhere
 from slaq.gpu_workers.engine_loop import EngineLoop
 from slaq.gpu_workers.heartbeat import cache_fields, publish
 from slaq.gpu_workers.kv_transfer.lease import LeaseStore
@@ -111,17 +112,6 @@ def _now() -> float:
     return time.time()
 
 
-def _prefilled(make_engine, prompt: list[int], params: SamplingParams, skip: int = 0):
-    """Prefill ``prompt`` on a separate engine: its first token and the KV blocks after the
-    first ``skip`` (what a decode worker with those cached pulls)."""
-    source = make_engine()
-    source.add_request("src", prompt, params, prefill_only=True)
-    outs: list = []
-    while not outs or not outs[-1].finished:
-        outs += source.step()
-    return outs[-1].new_token_ids[0], source.read_blocks(source.leased_blocks("src")[skip:])
-
-
 def test_pins_of_a_hand_off_in_flight_do_not_fail_one_that_waits(make_engine, tiny_prompts):
     """A hand-off that only lacks blocks pinned for another one waits for it (nothing runs);
     the other, queued behind it, goes first, and both finish with greedy tokens."""
@@ -139,10 +129,12 @@ def test_pins_of_a_hand_off_in_flight_do_not_fail_one_that_waits(make_engine, ti
     try:
         drain(decode.add_request("warm", prompt_b, params), 60)  # caches B's prefix
         assert decode.reserve_prefix("B", prompt_b) == k  # B's pull is in flight
-        first_a, kv_a = _prefilled(make_engine, prompt_a, params)
+        out_a, kv_a = prefill_elsewhere(make_engine(), prompt_a, params)
+        first_a = out_a.new_token_ids[0]
         handle_a = decode.add_prefilled_request("A", prompt_a, first_a, params, kv_a)
         assert decode.stats()[1].num_reserved_blocks == kv_a.shape[2]  # waits, not failed
-        first_b, kv_b = _prefilled(make_engine, prompt_b, params, skip=k)
+        out_b, kv_b = prefill_elsewhere(make_engine(), prompt_b, params, skip=k)
+        first_b = out_b.new_token_ids[0]
         handle_b = decode.add_prefilled_request("B", prompt_b, first_b, params, kv_b)
         got_b = [first_b] + iter_ids(drain(handle_b, 60))
         got_a = [first_a] + iter_ids(drain(handle_a, 60))

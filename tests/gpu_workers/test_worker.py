@@ -25,6 +25,7 @@ import pytest
 import redis
 
 from slaq.gpu_workers.engine.config import CacheConfig, EngineConfig, SamplingParams
+from slaq.gpu_workers.engine.testing import prefill_elsewhere
 from slaq.gpu_workers.engine_loop import EngineLoop, EngineLoopError, drain, iter_ids
 from slaq.gpu_workers.heartbeat import HeartbeatThread
 from slaq.gpu_workers.kv_transfer.lease import Lease, LeaseStore
@@ -122,20 +123,10 @@ def test_shm_handoff_follows_the_lease_protocol(loops, make_engine, tiny_prompts
     assert rest[-1].finish_reason == "length"
 
 
-def _prefilled_elsewhere(make_engine, prompt: list[int], params: SamplingParams):
-    """Prefill ``prompt`` on a separate engine: its first output and the prompt's KV blocks."""
-    source = make_engine()
-    source.add_request("src", prompt, params, prefill_only=True)
-    outs: list = []
-    while not outs or not outs[-1].finished:
-        outs += source.step()
-    return outs[-1], source.read_blocks(source.leased_blocks("src"))
-
-
 def test_prefilled_request_waits_for_room(loops, make_engine, tiny_prompts):
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     prompt = tiny_prompts[2]
-    first, kv = _prefilled_elsewhere(make_engine, prompt, params)
+    first, kv = prefill_elsewhere(make_engine(), prompt, params)
     expected = make_engine().generate([prompt], params)[0].token_ids
     # A decode engine with one seat: the handed-off request waits for the running one.
     decode = loops(make_engine(max_num_seqs=1))
@@ -156,7 +147,7 @@ def test_prefilled_request_waits_for_room(loops, make_engine, tiny_prompts):
 def test_waiting_hand_offs_are_admitted_by_tier_then_arrival(loops, make_engine, tiny_prompts):
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     prompt = tiny_prompts[2]
-    first, kv = _prefilled_elsewhere(make_engine, prompt, params)
+    first, kv = prefill_elsewhere(make_engine(), prompt, params)
     first_token = first.new_token_ids[0]
     decode = loops(make_engine(max_num_seqs=1))
     busy = decode.add_request("busy", tiny_prompts[0], SamplingParams(

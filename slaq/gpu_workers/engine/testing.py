@@ -174,3 +174,15 @@ def last_token_logits(runner: Any, prompt: list[int]) -> torch.Tensor:
         hidden = runner.model(batch.input_ids, batch.positions, runner.kv_cache, batch.meta,
                               runner.backend)
         return runner.model.compute_logits(hidden[-1:])[0].float().cpu()
+
+
+def prefill_elsewhere(engine: Any, prompt: list[int], params: Any,
+                      skip: int = 0) -> tuple[Any, Any]:
+    """Prefill ``prompt`` on ``engine`` (a separate one, as a prefill worker would): its
+    first output and the prompt's KV blocks after the first ``skip`` (what a decode worker
+    with those cached pulls)."""
+    engine.add_request("src", prompt, params, prefill_only=True)
+    outs: list = []
+    while not outs or not outs[-1].finished:
+        outs += engine.step()
+    return outs[-1], engine.read_blocks(engine.leased_blocks("src")[skip:])
