@@ -146,7 +146,8 @@ class EngineLoop:
 
     # -- API for task threads -----------------------------------------------------------
     def call(self, fn: Callable[[Any], T], timeout_s: float = 60.0) -> T:
-        """Run ``fn(engine)`` on the loop thread and return its result."""
+        """Run ``fn(engine)`` on the loop thread and return its result. On ``TimeoutError``
+        a command that had not started is cancelled."""
         fut: Future[T] = Future()
 
         def command() -> None:
@@ -157,7 +158,13 @@ class EngineLoop:
                     fut.set_exception(exc)
 
         self._submit(command)
-        return fut.result(timeout_s)
+        try:
+            return fut.result(timeout_s)
+        except TimeoutError:
+            # Not started yet: it never will (a late reserve_prefix would pin for nobody).
+            # Already running: it completes, and whatever the caller queues next runs after.
+            fut.cancel()
+            raise
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, *, rank: int = 1,
