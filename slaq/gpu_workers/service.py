@@ -218,11 +218,7 @@ class WorkerService:
         self._publish_first(item, attempt, progress, final=done)
         if done:  # the engine already freed the blocks of a finished request
             return Outcome("finished", "at the first token")
-        try:
-            lease = self._lease(item, attempt, eid, progress)
-        except Exception:
-            self.loop.call(lambda e: e.free_request(eid))
-            raise
+        lease = self._lease(item, attempt, eid, progress)  # on failure prefill() aborts eid
         target = self.router.pick(prefix_hashes=self._prefix_hashes(item.prompt_token_ids),
                                   num_blocks=len(lease.block_ids))
         self._send_decode(item.request_id, attempt, target, priority=item.queue_priority)
@@ -287,13 +283,9 @@ class WorkerService:
                 return self._re_prefill(item, attempt, "kv lease lost")
             kv, lease, reused = pulled
             cached = int(lease.descriptor.get("cached_tokens", "0") or 0)
-            try:
-                handle = self.loop.add_prefilled_request(
-                    eid, item.prompt_token_ids, lease.first_token_id, item.params, kv,
-                    rank=item.rank, num_cached_tokens=cached)
-            except BaseException:
-                self._unpin(eid)
-                raise
+            handle = self.loop.add_prefilled_request(  # on failure _abandon unpins
+                eid, item.prompt_token_ids, lease.first_token_id, item.params, kv,
+                rank=item.rank, num_cached_tokens=cached)
             progress = _Progress(token_ids=[lease.first_token_id],
                                  text=lease.descriptor.get("first_text", ""),
                                  num_cached_tokens=cached)

@@ -98,7 +98,7 @@ class SimWorker:
             if self._try_admit(self.pending[0]):
                 done.append(self.pending.popleft())
                 continue
-            if sched.num_running or sched.can_admit_waiting():
+            if sched.can_progress():
                 return done  # running requests will free room (or a waiting one gets in)
             # Nothing runs, and no waiting sequence can get in (the engine loop's rule).
             # Blocks pinned for hand-offs queued behind may be what the head lacks: one of

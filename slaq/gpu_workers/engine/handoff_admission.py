@@ -49,6 +49,7 @@ class HandoffAdmission:
         _seqs: dict[str, Sequence]
 
         def _fits(self, seq: Sequence) -> bool: ...
+        def _never_fits(self, num_tokens: int) -> bool: ...
         def _victims_make_room(self, seq: Sequence, num_new_blocks: int) -> bool: ...
         def _preempt(self, seq: Sequence, out: SchedulerOutput | None) -> None: ...
         def _register(self, seq: Sequence) -> None: ...
@@ -81,15 +82,14 @@ class HandoffAdmission:
         ):
             raise ValueError(f"request {seq.request_id!r} has nothing left to generate")
         bm = self.block_manager
-        if bm.num_blocks_for(seq.num_tokens) > bm.num_blocks:
-            bm.unpin(seq.request_id)
+        if self._never_fits(seq.num_tokens):
             raise ValueError(f"request {seq.request_id!r} needs more KV blocks than the pool "
                              f"has ({bm.num_blocks})")
         # Before any victim is preempted for it: a hand-off that fails anyway preempts none.
-        self.block_manager.check_pins(seq, seq.num_tokens - 1)
+        bm.check_pins(seq, seq.num_tokens - 1)
         if not self.can_add_prefilled(seq) and not self._make_room_for_prefilled(seq):
             raise NoRoomError(f"no seat or KV blocks for {seq.request_id!r}")
-        blocks = self.block_manager.allocate_prefilled(seq, seq.num_tokens - 1)
+        blocks = bm.allocate_prefilled(seq, seq.num_tokens - 1)
         self._register(seq)
         seq.num_cached_tokens = num_cached_tokens
         seq.status = SequenceStatus.RUNNING
@@ -99,8 +99,9 @@ class HandoffAdmission:
     def can_add_prefilled(self, seq: Sequence) -> bool:
         """Whether :meth:`add_prefilled` admits ``seq`` now without preempting anything: a
         seat and blocks are free (blocks pinned for it are held already) and no more
-        important preempted sequence waits (see the module doc). False does not mean :meth:`add_prefilled`
-        fails: it may preempt less important sequences to make the room."""
+        important preempted sequence waits (see the module doc). False does not mean
+        :meth:`add_prefilled` fails: it may preempt less important sequences to make the
+        room."""
         bm = self.block_manager
         num_new = bm.num_prefilled_new_blocks(seq)
         return (

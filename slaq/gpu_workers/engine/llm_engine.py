@@ -195,17 +195,16 @@ class LLMEngine:
         # KV (and could have preempted others for nothing).
         num_needed = bm.num_prefilled_kv_blocks(request_id, seq.num_tokens - 1)
         have = 0 if kv is None else int(kv.shape[2])
-        if kv is not None:
-            try:
+        try:
+            if kv is not None:
                 self.runner.check_blocks(kv)
-            except ValueError:
-                bm.unpin(request_id)
-                raise
-        if num_needed and have != num_needed and have < num_pinned + num_needed:
-            bm.unpin(request_id)
-            raise ValueError(f"kv has {have} blocks, the prompt needs {num_needed} "
-                             f"past {num_pinned} cached")
-        blocks = self.scheduler.add_prefilled(seq, num_cached_tokens)
+            if num_needed and have != num_needed and have < num_pinned + num_needed:
+                raise ValueError(f"kv has {have} blocks, the prompt needs {num_needed} "
+                                 f"past {num_pinned} cached")
+            blocks = self.scheduler.add_prefilled(seq, num_cached_tokens)
+        except ValueError:
+            bm.unpin(request_id)  # refused for good (NoRoomError keeps the pins: it waits)
+            raise
         assert len(blocks) == num_needed
         if blocks:
             rows = kv if have == num_needed else kv[:, :, num_pinned:num_pinned + num_needed]
@@ -260,11 +259,9 @@ class LLMEngine:
         return self._pending is not None or self.scheduler.has_unfinished()
 
     def can_progress(self) -> bool:
-        """Whether a :meth:`step` would do work now: outputs are pending, something runs, or
-        the head of the waiting queue can be acted on. False while only waiting sequences
-        that cannot get in remain (what they lack may be blocks pinned for hand-offs)."""
-        s = self.scheduler
-        return self._pending is not None or s.num_running > 0 or s.can_admit_waiting()
+        """Whether a :meth:`step` would do work now: outputs are pending or the scheduler
+        has work (:meth:`Scheduler.can_progress`)."""
+        return self._pending is not None or self.scheduler.can_progress()
 
     # -- disaggregation ----------------------------------------------------------------
 

@@ -129,9 +129,10 @@ class ModelRunner:
 
     def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
         """Store ``kv`` (shaped as :meth:`read_blocks` returns) into the given blocks."""
-        expected = (*self.kv_shape[:2], len(block_ids), *self.kv_shape[3:])
-        if tuple(kv.shape) != expected:
-            raise ValueError(f"kv has shape {tuple(kv.shape)}, expected {expected}")
+        self.check_blocks(kv)
+        if kv.shape[2] != len(block_ids):
+            raise ValueError(f"kv has shape {tuple(kv.shape)}: {kv.shape[2]} blocks for "
+                             f"{len(block_ids)} block ids")
         from slaq.gpu_workers.kv_transfer.block_copy import scatter_blocks
 
         # On CUDA a Triton block-copy kernel (2.3x index_copy_ on an H100); index_copy_ on CPU.

@@ -101,9 +101,13 @@ class Scheduler(HandoffAdmission):
         """True while any sequence waits or runs (leases do not count)."""
         return bool(self._running) or len(self._waiting) > 0
 
-    def can_admit_waiting(self) -> bool:
-        """Whether the next :meth:`schedule` acts on the head of the waiting queue without
-        anything running: it fits now, or it never will (the step ends it)."""
+    def can_progress(self) -> bool:
+        """Whether the next :meth:`schedule` has work: something runs, or the head of the
+        waiting queue fits now or never will (the step ends it). False while only waiting
+        sequences that cannot get in remain (what they lack may be blocks pinned for
+        hand-offs), so a loop need not step until something changes."""
+        if self._running:
+            return True
         if not self._waiting:
             return False
         head = self._waiting.peek()
