@@ -35,9 +35,14 @@ LLAMA_1B = {
     "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
     "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
 }
-# "graphs-plain": CUDA graphs without the fused layer ops and without asynchronous output
-# processing (the engine as first measured), to show what each of those buys.
-RUNNERS = ("eager", "triton", "graphs", "graphs-plain")
+# To show what each part buys: "graphs-sync" is the graphs runner without asynchronous
+# scheduling (each step waits for the previous one's tokens); "graphs-plain" also drops the
+# fused layer ops and asynchronous output processing (the engine as first measured).
+RUNNERS = ("eager", "triton", "graphs", "graphs-sync", "graphs-plain")
+_RUNNER_OPTIONS: dict[str, dict[str, bool]] = {
+    "graphs-sync": {"async_scheduling": False},
+    "graphs-plain": {"fuse_layer_ops": False, "async_output": False, "async_scheduling": False},
+}
 RANDOM_MARKER = "random_model.json"  # written last by make_random_llama
 
 
@@ -162,8 +167,7 @@ def build_engine(cfg: EngineBenchConfig, runner: str, max_num_seqs: int, num_blo
         cache=CacheConfig(block_size=cfg.block_size, num_blocks=num_blocks,
                           enable_prefix_caching=False),
         use_cuda_graphs=runner.startswith("graphs"), cpu_matmul_precision=cpu_matmul_precision,
-        **({"fuse_layer_ops": False, "async_output": False} if runner == "graphs-plain"
-           else {}))
+        **_RUNNER_OPTIONS.get(runner, {}))
     if runner == "eager":
         return LLMEngine(config)
     from slaq.gpu_workers.engine.cuda_graphs import CudaGraphModelRunner

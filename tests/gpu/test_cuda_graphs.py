@@ -79,8 +79,10 @@ def test_short_prefill_chunks_replay_the_graph_and_match_hf_in_fp32(tiny_model_p
     for i, prompt in enumerate(prompts):
         before = runner.graphs.num_replays
         engine.add_request(f"r{i}", prompt, params)
-        outs = engine.step()  # the prefill step (its first token is not held back)
+        outs = engine.step()  # the prefill step
         prefilled_in_graph.append(runner.graphs.num_replays > before)
+        while not outs:  # asynchronous scheduling: its token comes with the next step
+            outs = engine.step()
         tokens = [t for o in outs for t in o.new_token_ids]
         cached += [o.num_cached_tokens for o in outs]
         while engine.has_unfinished():
@@ -88,3 +90,26 @@ def test_short_prefill_chunks_replay_the_graph_and_match_hf_in_fp32(tiny_model_p
         assert tokens == hf_greedy(hf, prompt, 16)
     assert prefilled_in_graph == [False, True]
     assert cached == [0, 32]
+
+
+def test_asynchronous_scheduling_gives_the_synchronous_tokens_in_fp32(tiny_model_path):
+    """Steps launched ahead (placeholders filled on the device from the previous step's
+    argmax) give what synchronous steps give: with a stop token mid-way, whose sequence has
+    a row in the step already launched, and with a pool small enough to preempt."""
+    prompts_text = TINY_PROMPTS * 2
+    sync_cfg = dict(max_num_seqs=16, num_blocks=48, async_scheduling=False)
+    _, sync = _graph_engine(tiny_model_path, **sync_cfg)
+    prompts = [sync.tokenizer.encode(p) for p in prompts_text]
+    ref = sync.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0,
+                                                ignore_eos=True))
+    stop_id = ref[0].token_ids[10]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                            stop_token_ids=(stop_id,))
+    expected = [c.token_ids for c in sync.generate(prompts, params)]
+    runner, ahead = _graph_engine(tiny_model_path, **{**sync_cfg, "async_scheduling": True})
+    assert ahead._schedule_ahead
+    got = [c.token_ids for c in ahead.generate(prompts, params)]
+    assert got == expected
+    assert expected[0][-1] == stop_id and len(expected[0]) <= 11
+    assert runner.graphs is not None and runner.graphs.num_replays >= 20
+    assert ahead.stats().num_preemptions > 0 and ahead.stats().num_blocks_used == 0

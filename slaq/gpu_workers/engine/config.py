@@ -119,6 +119,10 @@ class EngineConfig:
     # Build a step's outputs during the next step's forward (see llm_engine). None: on for
     # the torch runner on CUDA, where the forward runs asynchronously to the host.
     async_output: bool | None = None
+    # Schedule and launch step N+1 before reading step N's tokens where every sampled row is
+    # plain greedy (see llm_engine): the device never waits for the host between steps.
+    # None: on for model runners on CUDA. It replaces async_output where it applies.
+    async_scheduling: bool | None = None
     # On CUDA, fuse each layer's element-wise ops with torch.compile (see models/layer_ops).
     fuse_layer_ops: bool = True
     # CPU fp32: "bf16" runs matmuls in oneDNN's bf16 math mode where the CPU has bf16

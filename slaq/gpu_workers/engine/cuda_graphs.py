@@ -22,10 +22,11 @@ import torch
 
 from slaq.gpu_workers.engine.attention import AttentionMetadata
 from slaq.gpu_workers.engine.config import EngineConfig
-from slaq.gpu_workers.engine.model_runner import ModelRunner
+from slaq.gpu_workers.engine.model_runner import LaunchedStep, ModelRunner, fill_placeholders
 from slaq.gpu_workers.engine.models import ModelConfig
 from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from slaq.gpu_workers.engine.sampler import SampleRequest, greedy_argmax
+from slaq.gpu_workers.engine.sequence import PLACEHOLDER_TOKEN_ID
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 384, 512)
 
@@ -114,9 +115,12 @@ class DecodeGraphs:
                 self._graphs[n] = (graph, logits, greedy_ids)
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int],
-            block_tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            block_tables: list[list[int]],
+            fill: Callable[[torch.Tensor], None] | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[len(token_ids), vocab]`` for one decode token per sequence, and their
-        greedy argmax ``[len(token_ids)]``."""
+        greedy argmax ``[len(token_ids)]``. ``fill`` may rewrite the input token ids (the
+        graph's buffer) on the device before the replay."""
         n = len(token_ids)
         size = next(s for s in self.sizes if s >= n)
         width = max(len(t) for t in block_tables)
@@ -140,6 +144,8 @@ class DecodeGraphs:
         self._tables[:n, :width].copy_(host_tables, non_blocking=True)
         self._lens.copy_(self._host_lens, non_blocking=True)
         self._copied.record()
+        if fill is not None:
+            fill(self._tokens[0])
         graph, logits, greedy_ids = self._graphs[size]
         graph.replay()
         self.num_replays += 1
@@ -180,16 +186,33 @@ class CudaGraphModelRunner(ModelRunner):
             return super().execute(out, overlap)
         return self._execute_rows(rows, overlap)
 
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, prev: LaunchedStep | None) -> LaunchedStep:
+        """:meth:`ModelRunner.launch` through the decode graphs where the step fits them."""
+        g = self.graphs
+        rows = None if g is None else graph_rows(out.scheduled, self.block_size,
+                                                 g.max_batch_size, self.max_graph_context_reads)
+        if rows is None:
+            return super().launch(out, prev)
+        assert g is not None
+        _logits, greedy_ids = g.run(
+            rows.token_ids, rows.positions, rows.slots, rows.block_tables,
+            fill=lambda ids: fill_placeholders(ids, rows.placeholder_rows, prev))
+        if len(rows.sample_indices) != len(rows.token_ids):
+            greedy_ids = greedy_ids.index_select(0, _pinned_index(rows.sample_indices,
+                                                                  greedy_ids.device))
+        # No copy of the graph's output buffer is needed: the next replay overwrites it, but
+        # both its readers (the copy to the host, the next step's fill) come first in the
+        # stream.
+        return LaunchedStep.start([r.request_id for r in rows.requests], greedy_ids)
+
     def _execute_rows(self, rows: GraphRows, overlap: Callable[[], None] | None) -> RunnerOutput:
         assert self.graphs is not None
         logits, greedy_ids = self.graphs.run(rows.token_ids, rows.positions, rows.slots,
                                              rows.block_tables)
         if len(rows.sample_indices) != len(rows.token_ids):
-            # From pinned memory, asynchronously: a plain torch.tensor(..., device=cuda) is a
-            # blocking copy that would wait for the replay, and the host work of ``overlap``
-            # would no longer hide behind it.
-            idx = torch.tensor(rows.sample_indices, dtype=torch.long, pin_memory=True).to(
-                logits.device, non_blocking=True)
+            # Not blocking, or ``overlap`` would no longer hide behind the replay.
+            idx = _pinned_index(rows.sample_indices, logits.device)
             logits, greedy_ids = logits.index_select(0, idx), greedy_ids.index_select(0, idx)
         if overlap is not None:
             overlap()  # the replay is queued: host work here hides behind it
@@ -215,6 +238,14 @@ class GraphRows:
     block_tables: list[list[int]] = field(default_factory=list)
     sample_indices: list[int] = field(default_factory=list)  # rows whose logits are sampled
     requests: list[SampleRequest] = field(default_factory=list)  # one per sampled row
+    # (row, request id) of tokens the previous launched step samples (placeholders)
+    placeholder_rows: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _pinned_index(indices: list[int], device: torch.device) -> torch.Tensor:
+    """``indices`` on ``device``, sent from pinned memory without blocking: a plain
+    ``torch.tensor(..., device=cuda)`` is a blocking copy that would wait for the step."""
+    return torch.tensor(indices, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
 
 
 def graph_rows(scheduled: list[ScheduledSequence], block_size: int, max_rows: int,
@@ -249,4 +280,6 @@ def graph_rows(scheduled: list[ScheduledSequence], block_size: int, max_rows: in
         if item.sample:
             rows.sample_indices.append(len(rows.token_ids) - 1)
             rows.requests.append(SampleRequest.of(seq))
+            if seq.last_token_id == PLACEHOLDER_TOKEN_ID:
+                rows.placeholder_rows.append((len(rows.token_ids) - 1, seq.request_id))
     return rows

@@ -13,6 +13,15 @@ the device runs its forward, instead of between steps while the device idles. Th
 one step of latency per output and, when a stop string ends a sequence, one token it already
 computed that is thrown away. First tokens are the exception: they come out of the step
 that computed them, so time to first token pays nothing.
+
+Asynchronous scheduling (``EngineConfig.async_scheduling``; on by default for CUDA) goes
+further where a step's sampled rows are all plain greedy (no penalty, no logprobs, not a
+prefill-only hand-off): step N+1 is scheduled and queued on the device before the host reads
+step N's tokens. Each sequence N samples holds a placeholder token meanwhile
+(:meth:`Scheduler.advance`), which the runner fills on the device from N's output; the host
+then reads N's tokens, puts them in place (:meth:`Scheduler.resolve`) and builds N's outputs
+while N+1 runs. A sequence that N's token ends (EOS, a stop string) has a row in N+1 that is
+computed and dropped; any other step runs as before, after N is resolved.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from slaq.gpu_workers.engine.block_manager import BlockManager
@@ -28,6 +37,7 @@ from slaq.gpu_workers.engine.config import EngineConfig, SamplingParams
 from slaq.gpu_workers.engine.detokenizer import IncrementalDetokenizer
 from slaq.gpu_workers.engine.loader import eos_token_ids, load_model_config, load_tokenizer
 from slaq.gpu_workers.engine.outputs import (
+    EngineStats,
     RequestOutput,
     RunnerOutput,
     ScheduledSequence,
@@ -40,42 +50,6 @@ RATE_WINDOW_S = 10.0  # token rates in stats() are over this recent window
 
 
 @dataclass(slots=True)
-class EngineStats:
-    """A snapshot for heartbeats and metrics."""
-
-    num_blocks_total: int
-    num_blocks_used: int
-    num_running: int
-    num_waiting: int
-    num_leased: int
-    num_preemptions: int
-    last_batch_size: int
-    max_batch_size_seen: int
-    num_steps: int
-    num_prompt_tokens_total: int  # prompt tokens computed (prefix-cache hits excluded)
-    num_generation_tokens_total: int  # tokens sampled
-    prefill_tokens_per_s: float  # over the last RATE_WINDOW_S
-    decode_tokens_per_s: float
-    prefix_cache_queries_tokens: int
-    prefix_cache_hits_tokens: int
-    # Hand-offs: blocks of transferred KV prefilled requests needed, and those found cached
-    # here (their KV was not pulled).
-    handoff_blocks_total: int = 0
-    handoff_blocks_reused: int = 0
-    # Chain hashes of recently cached prefixes (BlockManager.prefix_summary), for routing.
-    prefix_hashes: list[int] = field(default_factory=list)
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.max_batch_size_seen
-
-    @property
-    def kv_usage(self) -> float:
-        """Fraction of KV blocks in use, 0..1."""
-        return self.num_blocks_used / self.num_blocks_total if self.num_blocks_total else 0.0
-
-
-@dataclass(slots=True)
 class _StepResult:
     """A step whose outputs are not built yet (asynchronous output processing)."""
 
@@ -84,6 +58,22 @@ class _StepResult:
     finished: list[Sequence]
     # Requests a stop string ended while this step ran: their tokens of it are dropped.
     dropped: set[str]
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A launched step (asynchronous scheduling) whose tokens are not applied yet."""
+
+    out: SchedulerOutput
+    launched: Any  # the runner's LaunchedStep
+    ended_early: list[Sequence]  # ended by Scheduler.advance: their last token is to come
+    dropped: set[str]  # ended between this step's schedule() and advance(): rows dropped
+    launch_time: float
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    """Whether the device's argmax alone gives this row's token (asynchronous scheduling)."""
+    return params.greedy and params.repetition_penalty == 1.0 and params.logprobs is None
 
 
 @dataclass(slots=True)
@@ -124,8 +114,13 @@ class LLMEngine:
         async_output = config.async_output
         if async_output is None:
             async_output = config.device.startswith("cuda") and runner != "sim"
-        self._async_output = async_output
+        ahead = config.async_scheduling
+        if ahead is None:
+            ahead = config.device.startswith("cuda") and runner != "sim"
+        self._schedule_ahead = ahead and hasattr(self.runner, "launch")
+        self._async_output = async_output and not self._schedule_ahead
         self._pending: _StepResult | None = None
+        self._inflight: _InFlight | None = None
 
     def _make_runner(self, runner: str | Any, sim_profile: str) -> Any:
         if runner == "torch":
@@ -256,12 +251,14 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         """True while anything is queued, running, or has outputs not yet returned."""
-        return self._pending is not None or self.scheduler.has_unfinished()
+        return (self._pending is not None or self._inflight is not None
+                or self.scheduler.has_unfinished())
 
     def can_progress(self) -> bool:
-        """Whether a :meth:`step` would do work now: outputs are pending or the scheduler
-        has work (:meth:`Scheduler.can_progress`)."""
-        return self._pending is not None or self.scheduler.can_progress()
+        """Whether a :meth:`step` would do work now: outputs are pending, a launched step is
+        unread, or the scheduler has work (:meth:`Scheduler.can_progress`)."""
+        return (self._pending is not None or self._inflight is not None
+                or self.scheduler.can_progress())
 
     # -- disaggregation ----------------------------------------------------------------
 
@@ -288,7 +285,11 @@ class LLMEngine:
 
         With asynchronous output processing the outputs returned are the previous step's,
         built while this step's forward ran; a step with nothing scheduled returns the rest.
+        With asynchronous scheduling likewise, and a step with nothing left to launch reads
+        and returns the one in flight.
         """
+        if self._schedule_ahead:
+            return self._step_ahead()
         out = self.scheduler.schedule()
         pending, self._pending = self._pending, None
         ready: list[RequestOutput] = []
@@ -329,6 +330,38 @@ class LLMEngine:
         else:
             self._pending = _StepResult(out.scheduled, runner_out, finished, stopped)
         return ready
+
+    def _step_ahead(self) -> list[RequestOutput]:
+        """One step with asynchronous scheduling (see the module's doc)."""
+        prev, self._inflight = self._inflight, None
+        out = self.scheduler.schedule()
+        launched = None
+        if not out.is_empty and all(_plain_greedy(i.seq.params) and not i.seq.prefill_only
+                                    for i in out.scheduled if i.sample):
+            launched = self.runner.launch(out, None if prev is None else prev.launched)
+        ended: set[str] = set()  # sequences of `out` ended since it was scheduled
+        ready = [] if prev is None else self._apply_launched(prev, ended)
+        if launched is not None:
+            early = self.scheduler.advance(out)
+            self._inflight = _InFlight(out, launched, early, ended, time.perf_counter())
+            return ready
+        t0 = time.perf_counter()  # a step that must see its tokens at once: after `prev`
+        runner_out = RunnerOutput() if out.is_empty else self.runner.execute(out)
+        finished = self.scheduler.update(out, runner_out, self.eos_token_ids)
+        self._record(out, runner_out, time.perf_counter() - t0)
+        return ready + self._build_outputs(
+            _StepResult(out.scheduled, runner_out, finished, ended), set())
+
+    def _apply_launched(self, step: _InFlight, ended: set[str]) -> list[RequestOutput]:
+        """Read a launched step's tokens, put them in place and build its outputs; the
+        requests that this ends go into ``ended``."""
+        runner_out = step.launched.collect()
+        self._record(step.out, runner_out, time.perf_counter() - step.launch_time)
+        resolved = self.scheduler.resolve(step.out, runner_out, self.eos_token_ids)
+        ended.update(seq.request_id for seq in resolved)
+        return self._build_outputs(
+            _StepResult(step.out.scheduled, runner_out, step.ended_early + resolved,
+                        step.dropped), ended)
 
     def _build_outputs(self, result: _StepResult, stopped: set[str]) -> list[RequestOutput]:
         """Detokenise a step's tokens; requests a stop string ends go into ``stopped``."""

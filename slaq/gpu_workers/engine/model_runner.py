@@ -29,9 +29,10 @@ from slaq.gpu_workers.engine.models.cpu_linear import (
     packed_row_sizes,
 )
 from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
-from slaq.gpu_workers.engine.sampler import Sampler, SampleRequest
+from slaq.gpu_workers.engine.sampler import Sampler, SampleRequest, greedy_argmax
+from slaq.gpu_workers.engine.sequence import PLACEHOLDER_TOKEN_ID
 
-__all__ = ["ModelRunner", "open_shm_pool"]
+__all__ = ["LaunchedStep", "ModelRunner", "fill_placeholders", "open_shm_pool"]
 
 # CPU: bytes the contiguous copy of the decode batch's K/V may take (see decode_cache).
 DECODE_KV_BYTES = 2 * 1024 ** 3
@@ -44,6 +45,62 @@ class _Batch:
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # rows of the flattened tokens whose logits are sampled
     sample_rows: list[SampleRequest]
+    # (row, request id) of input tokens the previous launched step samples (placeholders)
+    placeholder_rows: list[tuple[int, str]]
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A greedy step queued on the device whose tokens the host has not read yet.
+
+    ``token_ids`` (on the device, one per sampled row, in ``request_ids`` order) feed the
+    next launched step's placeholders without a host round trip; ``host_token_ids`` is
+    their copy on its way to pinned host memory, complete once ``ready`` has happened.
+    """
+
+    request_ids: list[str]
+    token_ids: torch.Tensor
+    host_token_ids: torch.Tensor
+    ready: torch.cuda.Event | None
+    row_of: dict[str, int]
+
+    @classmethod
+    def start(cls, request_ids: list[str], token_ids: torch.Tensor) -> LaunchedStep:
+        if token_ids.device.type != "cuda":
+            return cls(request_ids, token_ids, token_ids, None, {})
+        host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+        host.copy_(token_ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(request_ids, token_ids, host, ready, {})
+
+    def source_rows(self, request_ids: list[str]) -> list[int]:
+        """The rows of ``token_ids`` sampled for ``request_ids``."""
+        if not self.row_of:
+            self.row_of = {rid: i for i, rid in enumerate(self.request_ids)}
+        return [self.row_of[rid] for rid in request_ids]
+
+    def collect(self) -> RunnerOutput:
+        """Wait for the tokens and hand them over."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return RunnerOutput(sampled_token_ids=dict(zip(
+            self.request_ids, self.host_token_ids.tolist(), strict=True)))
+
+
+def fill_placeholders(input_ids: torch.Tensor, placeholder_rows: list[tuple[int, str]],
+                      prev: LaunchedStep | None) -> None:
+    """Copy, on the device, the previous step's sampled tokens into the input rows that
+    hold placeholders for them (asynchronous scheduling)."""
+    if not placeholder_rows:
+        return
+    assert prev is not None, "placeholder tokens but no launched step to take them from"
+    src = prev.source_rows([rid for _, rid in placeholder_rows])
+    idx = torch.tensor([[row for row, _ in placeholder_rows], src], dtype=torch.long,
+                       pin_memory=input_ids.device.type == "cuda")
+    # From pinned memory without blocking: the host must not wait for the running step.
+    idx = idx.to(input_ids.device, non_blocking=True)
+    input_ids.index_copy_(0, idx[0], prev.token_ids.index_select(0, idx[1]))
 
 
 class ModelRunner:
@@ -174,6 +231,21 @@ class ModelRunner:
                 result.logprobs[row.request_id] = lp
         return result
 
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, prev: LaunchedStep | None) -> LaunchedStep:
+        """Queue a step whose every sampled row is greedy (unpenalised, no logprobs) and
+        return without waiting for it; input tokens that are placeholders come from
+        ``prev``'s sampled tokens on the device. :meth:`LaunchedStep.collect` gives the
+        :class:`RunnerOutput`. (On CPU the step runs before this returns.)"""
+        assert not out.is_empty
+        batch = self._prepare(out.scheduled)
+        fill_placeholders(batch.input_ids, batch.placeholder_rows, prev)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta,
+                            self.backend)
+        logits = self.model.compute_logits(hidden.index_select(0, batch.sample_indices))
+        return LaunchedStep.start([r.request_id for r in batch.sample_rows],
+                                  greedy_argmax(logits))
+
     def _prepare(self, scheduled: list[ScheduledSequence]) -> _Batch:
         # Multi-token chunks go first (one attention call each), single tokens last (batched).
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
@@ -194,6 +266,7 @@ class ModelRunner:
         spans: list[PrefillSpan] = []
         sample_idx: list[int] = []
         rows: list[SampleRequest] = []
+        holes: list[tuple[int, str]] = []
         for s in prefills + decodes:
             seq, end = s.seq, s.start + s.num_new_tokens
             assert 0 < s.num_new_tokens and end <= seq.num_tokens, "bad schedule"
@@ -212,6 +285,8 @@ class ModelRunner:
             if s.sample:
                 sample_idx.append(len(input_ids) - 1)
                 rows.append(SampleRequest.of(seq))
+                if seq.last_token_id == PLACEHOLDER_TOKEN_ID:
+                    holes.append((len(input_ids) - 1, seq.request_id))
         dev = self.device
         meta = AttentionMetadata(
             block_size=bs, slot_mapping=torch.tensor(slots, device=dev), prefills=spans,
@@ -219,7 +294,7 @@ class ModelRunner:
         if decodes:
             self._add_decode_meta(meta, decodes)
         return _Batch(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev),
-                      meta, torch.tensor(sample_idx, dtype=torch.long, device=dev), rows)
+                      meta, torch.tensor(sample_idx, dtype=torch.long, device=dev), rows, holes)
 
     def _add_decode_meta(self, meta: AttentionMetadata,
                          decodes: list[ScheduledSequence]) -> None:

@@ -1,7 +1,8 @@
 """Typed boundary objects between engine steps. IO-free.
 
 ``Scheduler.schedule() -> SchedulerOutput``; ``ModelRunner.execute(out) -> RunnerOutput``;
-``Scheduler.update(out, runner_output)``; ``LLMEngine.step() -> list[RequestOutput]``.
+``Scheduler.update(out, runner_output)``; ``LLMEngine.step() -> list[RequestOutput]``;
+``LLMEngine.stats() -> EngineStats``.
 """
 
 from __future__ import annotations
@@ -75,3 +76,39 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int
     logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """A snapshot for heartbeats and metrics."""
+
+    num_blocks_total: int
+    num_blocks_used: int
+    num_running: int
+    num_waiting: int
+    num_leased: int
+    num_preemptions: int
+    last_batch_size: int
+    max_batch_size_seen: int
+    num_steps: int
+    num_prompt_tokens_total: int  # prompt tokens computed (prefix-cache hits excluded)
+    num_generation_tokens_total: int  # tokens sampled
+    prefill_tokens_per_s: float  # over the last RATE_WINDOW_S
+    decode_tokens_per_s: float
+    prefix_cache_queries_tokens: int
+    prefix_cache_hits_tokens: int
+    # Hand-offs: blocks of transferred KV prefilled requests needed, and those found cached
+    # here (their KV was not pulled).
+    handoff_blocks_total: int = 0
+    handoff_blocks_reused: int = 0
+    # Chain hashes of recently cached prefixes (BlockManager.prefix_summary), for routing.
+    prefix_hashes: list[int] = field(default_factory=list)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.max_batch_size_seen
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks in use, 0..1."""
+        return self.num_blocks_used / self.num_blocks_total if self.num_blocks_total else 0.0

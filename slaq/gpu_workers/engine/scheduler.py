@@ -26,12 +26,8 @@ A hand-off (``add_prefilled``, between steps) follows the same rule; its excepti
 Preempted sequences keep their tokens, lose their KV and go back to the front of their rank
 in the waiting queue; they are recomputed as one prefill over prompt + generated tokens.
 
-:meth:`Scheduler.update` applies a step's results: advances ``num_computed_tokens``,
-registers newly full blocks in the prefix cache, appends sampled tokens, finishes sequences
-(``"stop"``: EOS or a stop token id; ``"length"``: ``max_tokens`` or ``max_model_len``) and
-frees their blocks. A ``prefill_only`` sequence finishes after its first token with reason
-:data:`PREFILL_DONE` and keeps its blocks (the lease) until :meth:`Scheduler.free_leased`;
-if that first token already ends it (EOS, ``max_tokens == 1``) it finishes as usual instead.
+:meth:`Scheduler.update` applies a step's results (in two halves, ``advance`` and
+``resolve``, under asynchronous scheduling): :mod:`~slaq.gpu_workers.engine.step_results`.
 
 Per step the work is O(batch); nothing rescans all tokens. Deterministic: no clocks, no
 randomness, ties broken by the order of :meth:`Scheduler.add`.
@@ -40,19 +36,17 @@ randomness, ties broken by the order of :meth:`Scheduler.add`.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Collection
 
 from slaq.gpu_workers.engine.block_manager import BlockManager
 from slaq.gpu_workers.engine.config import SchedulerConfig
 from slaq.gpu_workers.engine.handoff_admission import HandoffAdmission, NoRoomError
-from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from slaq.gpu_workers.engine.outputs import ScheduledSequence, SchedulerOutput
 from slaq.gpu_workers.engine.sequence import Sequence, SequenceStatus
+from slaq.gpu_workers.engine.step_results import PREFILL_DONE, StepResults
 from slaq.gpu_workers.engine.waiting_queue import WaitingQueue
 
-PREFILL_DONE = "prefill_done"  # finish reason of a prefill_only sequence that holds a lease
 
-
-class Scheduler(HandoffAdmission):
+class Scheduler(HandoffAdmission, StepResults):
     """Owns the waiting and running queues and the leases of one engine. Not thread-safe.
 
     Hand-offs (``add_prefilled``) are admitted by the rules of
@@ -190,49 +184,6 @@ class Scheduler(HandoffAdmission):
         self.last_batch_size = len(out.scheduled)
         self.max_batch_size_seen = max(self.max_batch_size_seen, self.last_batch_size)
         return out
-
-    def update(
-        self,
-        out: SchedulerOutput,
-        runner_output: RunnerOutput,
-        eos_token_id: int | Collection[int] | None,
-    ) -> list[Sequence]:
-        """Apply a step's results; return the sequences that finished.
-
-        Call it after every :meth:`schedule`, even an empty one: sequences the scheduler had
-        to end itself (no KV room ever, reason ``"length"``) are returned here too.
-        """
-        bm = self.block_manager
-        finished, self._finished_in_schedule = self._finished_in_schedule, []
-        if isinstance(eos_token_id, int):
-            eos_ids: Collection[int] = (eos_token_id,)
-        else:
-            eos_ids = eos_token_id or ()
-        for item in out.scheduled:
-            seq = item.seq
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # finished or aborted between schedule() and update()
-            assert seq.num_computed_tokens == item.start, f"{seq.request_id}: stale schedule"
-            sample = item.sample
-            seq.num_computed_tokens += item.num_new_tokens
-            bm.commit_full_blocks(seq)
-            if not sample:
-                continue
-            token_id = runner_output.sampled_token_ids[seq.request_id]
-            seq.append_token(token_id)
-            reason = self._stop_reason(seq, token_id, eos_ids)
-            if reason is None and seq.prefill_only:
-                reason = PREFILL_DONE
-            if reason is not None:
-                seq.finish(reason)
-                finished.append(seq)
-                if reason == PREFILL_DONE:
-                    self._leased[seq.request_id] = seq
-                else:
-                    self._forget(seq)
-        if finished:
-            self._running = [s for s in self._running if s.status is SequenceStatus.RUNNING]
-        return finished
 
     def check_integrity(self) -> None:
         """Assert queue bookkeeping and the block manager agree (tests, debugging)."""
@@ -406,18 +357,6 @@ class Scheduler(HandoffAdmission):
         # Without chunking a prefill runs whole, except one longer than any step could hold
         # (a recompute that grew past the budget): chunking it is the only way forward.
         return budget if left > self.config.max_num_batched_tokens else 0
-
-    def _stop_reason(self, seq: Sequence, token_id: int, eos_ids: Collection[int]) -> str | None:
-        params = seq.params
-        if not params.ignore_eos and token_id in eos_ids:
-            return "stop"
-        if token_id in params.stop_token_ids:
-            return "stop"
-        if seq.num_output_tokens >= params.max_tokens:
-            return "length"
-        if seq.num_tokens >= self.config.max_model_len:
-            return "length"
-        return None
 
     def _never_fits(self, num_tokens: int) -> bool:
         bm = self.block_manager

@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 
 from slaq.gpu_workers.engine.config import SamplingParams
 
+# Stands for a sampled token not known yet: with asynchronous scheduling the next step is
+# scheduled (and its input taken from the device) before the host sees this step's tokens.
+PLACEHOLDER_TOKEN_ID = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -85,6 +89,13 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
+
+    def set_token(self, index: int, token_id: int) -> None:
+        """Put the sampled ``token_id`` where a placeholder holds its place (position
+        ``index`` of prompt + output)."""
+        i = index - len(self.prompt_token_ids)
+        assert 0 <= i and self.output_token_ids[i] == PLACEHOLDER_TOKEN_ID, "no placeholder there"
+        self.output_token_ids[i] = token_id
 
     def finish(self, reason: str) -> None:
         self.status = SequenceStatus.FINISHED

@@ -6,7 +6,7 @@ sequence recomputed after preemption produces the same tokens as one never preem
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -14,7 +14,7 @@ from slaq.gpu_workers.engine.block_manager import BlockManager
 from slaq.gpu_workers.engine.config import SamplingParams, SchedulerConfig
 from slaq.gpu_workers.engine.outputs import RunnerOutput, SchedulerOutput
 from slaq.gpu_workers.engine.scheduler import PREFILL_DONE, NoRoomError, Scheduler
-from slaq.gpu_workers.engine.sequence import Sequence, SequenceStatus
+from slaq.gpu_workers.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence, SequenceStatus
 
 BS = 4
 EOS = 2
@@ -814,3 +814,125 @@ def test_a_hand_off_with_foreign_pins_preempts_nothing() -> None:
         sched.add_prefilled(x)
     assert sched.num_preemptions == 0 and bm.num_pinned("x") == 0
     sched.check_integrity()
+
+
+# -- asynchronous scheduling: advance() before a step's tokens are known, resolve() after ----
+
+
+def eos_sometimes(seq: Sequence) -> int:
+    """:func:`fake_token`, but EOS at about one position in nine (a function of the request
+    and position only, so every schedule gives the same tokens)."""
+    if (sum(map(ord, seq.request_id)) * 13 + seq.num_tokens * 5) % 9 == 0:
+        return EOS
+    return fake_token(seq)
+
+
+def _run_ahead(sched: Scheduler, workload: list[tuple[int, Sequence]],
+               token_fn=eos_sometimes) -> dict[str, Sequence]:
+    """Drive ``sched`` as the engine does under asynchronous scheduling: step N+1 is
+    scheduled (and its tokens 'sampled') before step N's tokens are resolved."""
+    pending, finished = list(workload), {}
+    inflight: tuple[SchedulerOutput, RunnerOutput, list[Sequence]] | None = None
+    for n in range(3000):
+        for _, seq in [p for p in pending if p[0] == n]:
+            sched.add(seq)
+        pending = [p for p in pending if p[0] != n]
+        if not pending and not sched.has_unfinished() and inflight is None:
+            return finished
+        out = sched.schedule()
+        sampled = {s.seq.request_id: token_fn(s.seq) for s in out.scheduled if s.sample}
+        done: list[Sequence] = []
+        if inflight is not None:
+            prev_out, prev_tokens, early = inflight
+            done += early + sched.resolve(prev_out, prev_tokens, EOS)
+            inflight = None
+        if out.is_empty:
+            done += sched.update(out, RunnerOutput(), EOS)
+        else:
+            inflight = (out, RunnerOutput(sampled_token_ids=sampled), sched.advance(out))
+        for seq in done:
+            assert seq.request_id not in finished, "finished twice"
+            finished[seq.request_id] = seq
+        sched.check_integrity()
+        for seq in sched.running:  # at most the one placeholder of the step in flight
+            assert seq.output_token_ids[:-1].count(PLACEHOLDER_TOKEN_ID) == 0
+    raise AssertionError("did not finish: livelock?")
+
+
+def _eos_workload(seed: int) -> list[tuple[int, Sequence]]:
+    workload = _random_workload(seed)
+    for _, seq in workload:
+        seq.params = replace(seq.params, ignore_eos=False)
+    return workload
+
+
+def test_advance_holds_a_place_for_the_token_and_ends_by_length_at_once() -> None:
+    sched = make_sched()
+    sched.add(make_seq("a", num_prompt=5, max_tokens=2))
+    out = sched.schedule()
+    assert sched.advance(out) == []
+    seq = out.scheduled[0].seq
+    assert seq.output_token_ids == [PLACEHOLDER_TOKEN_ID] and seq.num_computed_tokens == 5
+    out2 = sched.schedule()  # the decode of the token not known yet
+    assert [(s.start, s.num_new_tokens) for s in out2.scheduled] == [(5, 1)]
+    assert sched.resolve(out, RunnerOutput({"a": 77}), EOS) == []
+    assert seq.output_token_ids == [77]
+    # Its second token is its last: advance() ends it now, resolve() fills the token in.
+    assert sched.advance(out2) == [seq] and seq.finish_reason == "length"
+    assert sched.block_manager.num_used_blocks == 0 and sched.schedule().is_empty
+    assert sched.resolve(out2, RunnerOutput({"a": EOS}), EOS) == []
+    assert seq.output_token_ids == [77, EOS] and seq.finish_reason == "stop"  # as update()
+    sched.check_integrity()
+
+
+def test_resolve_ends_a_sequence_preempted_since_its_step_was_launched() -> None:
+    sched = make_sched(num_blocks=3)
+    sched.add(make_seq("low", num_prompt=8, max_tokens=8, rank=2))
+    out = sched.schedule()
+    sched.advance(out)  # low: 9 tokens in 3 blocks, its token still to come
+    sched.add(make_seq("high", num_prompt=6, max_tokens=2, rank=0))
+    out2 = sched.schedule()  # high preempts low, which holds a placeholder
+    assert out2.preempted_ids == ["low"]
+    low = out.scheduled[0].seq
+    assert low.status is SequenceStatus.WAITING
+    assert sched.resolve(out, RunnerOutput({"low": EOS}), EOS) == [low]
+    assert low.finish_reason == "stop" and low.output_token_ids == [EOS]
+    assert sched.num_waiting == 0
+    sched.check_integrity()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize(("num_blocks", "budget", "max_num_seqs"), [(7, 6, 3), (16, 5, 2)])
+def test_scheduling_ahead_gives_the_tokens_of_synchronous_steps(
+    seed: int, num_blocks: int, budget: int, max_num_seqs: int
+) -> None:
+    roomy = make_sched(num_blocks=256, max_num_batched_tokens=256)
+    expected = {s.request_id: s for s in run_all_workload(roomy, _eos_workload(seed))}
+    sched = make_sched(num_blocks=num_blocks, max_num_batched_tokens=budget,
+                       max_num_seqs=max_num_seqs)
+    got = _run_ahead(sched, _eos_workload(seed))
+    assert set(got) == set(expected)
+    assert any(s.finish_reason == "stop" for s in got.values())
+    for rid, seq in got.items():
+        want = expected[rid]
+        if seq.finish_reason == "length" and seq.num_output_tokens < want.num_output_tokens:
+            assert seq.num_tokens > num_blocks * BS  # only one that outgrew the whole pool
+            assert seq.output_token_ids == want.output_token_ids[:seq.num_output_tokens]
+            continue
+        assert (seq.output_token_ids, seq.finish_reason) == (want.output_token_ids,
+                                                             want.finish_reason)
+    assert sched.block_manager.num_used_blocks == 0
+    assert sched.num_preemptions > 0
+
+
+def run_all_workload(sched: Scheduler, workload: list[tuple[int, Sequence]]) -> list[Sequence]:
+    """Synchronous steps over a timed workload; the finished sequences."""
+    pending, finished = list(workload), []
+    for n in range(3000):
+        for _, seq in [p for p in pending if p[0] == n]:
+            sched.add(seq)
+        pending = [p for p in pending if p[0] != n]
+        if not pending and not sched.has_unfinished():
+            return finished
+        finished += step(sched, token_fn=eos_sometimes)[1]
+    raise AssertionError("did not finish: livelock?")
