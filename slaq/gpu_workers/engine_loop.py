@@ -126,6 +126,7 @@ class EngineLoop:
         self._stats = LoopStats()
         self._engine_stats: Any = None
         self._stop = threading.Event()
+        self._closed = False  # the loop has ended: requests are refused
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -271,6 +272,9 @@ class EngineLoop:
         return handle
 
     def _check_new(self, request_id: str) -> None:
+        if self._closed:
+            # Queued just before the loop ended: no step would ever serve it.
+            raise EngineLoopError(f"engine loop stopped; {request_id} not added")
         if request_id in self._handles or request_id in self._leases:
             raise ValueError(f"request {request_id} is already in this engine")
 
@@ -375,7 +379,9 @@ class EngineLoop:
 
     def _fail_pending_commands(self) -> None:
         # Commands queued after the loop ended run here so that their futures answer: the
-        # engine is no longer stepped, so they must not wait for outputs.
+        # engine is no longer stepped, so they must not wait for outputs, and a request
+        # they would add is refused (_check_new) instead of getting a handle nobody serves.
+        self._closed = True
         while True:
             try:
                 command = self._commands.get_nowait()

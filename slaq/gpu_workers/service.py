@@ -28,7 +28,7 @@ import redis
 from slaq.gpu_workers.engine.block_manager import block_hashes
 from slaq.gpu_workers.engine.config import SamplingParams
 from slaq.gpu_workers.engine.outputs import RequestOutput
-from slaq.gpu_workers.engine_loop import EngineLoop, HandoffRetry
+from slaq.gpu_workers.engine_loop import EngineLoop, EngineLoopError, HandoffRetry
 from slaq.gpu_workers.kv_transfer.base import TransferError, Transport
 from slaq.gpu_workers.kv_transfer.lease import Lease, LeaseStore
 from slaq.gpu_workers.router import DecodeRouter
@@ -135,7 +135,7 @@ class SqlLedger:
 class Outcome:
     """What a ticket did; tasks return ``str(outcome)`` for logs and tests."""
 
-    action: str  # dropped | finished | handed_off | retried
+    action: str  # dropped | finished | handed_off | retried | cancelled
     detail: str = ""
 
     def __str__(self) -> str:
@@ -256,7 +256,9 @@ class WorkerService:
             if not self.ledger.start_decode(item.request_id, attempt, self.name):
                 self.loop.abort(eid)
                 return Outcome("dropped", "the request moved on before decoding")
-            self._stream(item, attempt, outputs, progress)
+            if not self._stream(item, attempt, outputs, progress):
+                return Outcome("cancelled", f"by its client after {len(progress.token_ids)} "
+                                            "tokens")
         return Outcome("finished", f"{len(progress.token_ids)} tokens")
 
     def _publish_first(self, item: WorkItem, attempt: int, progress: _Progress,
@@ -290,10 +292,13 @@ class WorkerService:
                                  text=lease.descriptor.get("first_text", ""),
                                  num_cached_tokens=cached)
             try:
-                self._stream(item, attempt, handle.outputs(OUTPUT_TIMEOUT_S), progress)
+                done = self._stream(item, attempt, handle.outputs(OUTPUT_TIMEOUT_S), progress)
             except HandoffRetry as exc:  # dropped before it ever ran: nothing was streamed
                 log.warning("%s", exc)
                 return self._re_prefill(item, attempt, "no room on the decode worker")
+            if not done:
+                return Outcome("cancelled", f"by its client after {len(progress.token_ids)} "
+                                            "tokens")
             return Outcome("finished", f"{len(progress.token_ids)} tokens; "
                                        f"{reused} of {len(lease.block_ids)} KV blocks cached here")
         except Exception as exc:
@@ -339,7 +344,10 @@ class WorkerService:
             part = lease.tail(reused, self.loop.engine.config.cache.block_size)
             try:
                 kv = None if part is None else puller.pull(part)
-            except TransferError:
+            except Exception:  # noqa: BLE001 - any failed copy: the prompt is prefilled again
+                # A TransferError (the owner died, ids out of range) or anything the copy
+                # raised: re-prefilling (bounded by MAX_ATTEMPTS) loses nothing, and releasing
+                # the lease lets the owner free its blocks now, not when the lease expires.
                 log.warning("pull of %s from %s failed; re-prefilling", item.request_id,
                             lease.prefill_worker, exc_info=True)
                 self.leases.release(item.request_id)
@@ -369,10 +377,10 @@ class WorkerService:
             log.debug("could not release the pins of %s", eid, exc_info=True)
 
     def _stream(self, item: WorkItem, attempt: int, outputs: Iterator[RequestOutput],
-                progress: _Progress) -> None:
+                progress: _Progress) -> bool:
         """Append each delta to the token stream; the last one goes out after the ledger.
-
-        Stops early when the API has cancelled the request (its client went away)."""
+        True once finished; False when it stopped early because the API cancelled the
+        request (its client went away)."""
         next_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
         for out in outputs:
             progress.add(out)
@@ -381,12 +389,13 @@ class WorkerService:
                 if self._cancelled(item.request_id):
                     self.loop.abort(engine_request_id(item.request_id, attempt))
                     log.info("request %s cancelled by its client", item.request_id)
-                    return
+                    return False
             if out.finished:
                 self._finish(item, attempt, progress, out.new_token_ids, out.new_text)
-                return
+                return True
             if out.new_token_ids or out.new_text:
                 streams.append_tokens(self.r, item.request_id, out.new_token_ids, out.new_text)
+        raise EngineLoopError(f"request {item.request_id}: outputs ended before it finished")
 
     def _cancelled(self, request_id: str) -> bool:
         try:

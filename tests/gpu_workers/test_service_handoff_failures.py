@@ -169,3 +169,52 @@ def test_a_hand_off_no_room_would_ever_take_is_prefilled_again(make_pair, make_e
     assert got_q == make_engine().generate([prompt_q], SHORT)[0].token_ids
     drain(busy, 30)
     assert loop.call(lambda e: e.pinned_requests()) == set()
+
+
+def test_a_pull_that_fails_in_any_way_releases_the_lease_and_prefills_again(make_pair,
+                                                                             tiny_prompts):
+    """Found in review: only a TransferError was taken as a failed pull; any other error from
+    the copy failed the request and left the prefill worker's blocks leased until the lease
+    expired. Now the lease goes back at once and the request gets a new attempt."""
+    p = make_pair()
+    rid = p.new_request(tiny_prompts[2])
+    assert p.pre.prefill(rid, 1).action == "handed_off"
+    assert p.pre.loop.call(lambda e: e.scheduler.num_leased) == 1
+
+    class Broken:
+        def pull(self, lease):
+            raise RuntimeError("device copy failed")
+
+    p.dec.pullers["shm"] = Broken()
+    outcome = p.dec.decode(rid, 1)
+    assert outcome.action == "retried", outcome
+    assert p.state(rid) == ("queued", 2, "kv lease lost")
+    assert p.prefills[-1][:2] == (rid, 2)
+    assert p.dec.leases.read(rid) is None
+    deadline = time.monotonic() + 10
+    while p.pre.loop.call(lambda e: e.scheduler.num_leased):  # the owner frees its blocks
+        assert time.monotonic() < deadline, "the prefill worker kept the leased blocks"
+        time.sleep(0.02)
+    assert p.dec_loop.call(lambda e: e.pinned_requests()) == set()
+
+
+def test_a_decode_its_client_cancelled_says_so_and_leaves_the_engine(make_pair, tiny_prompts,
+                                                                     redis_url, monkeypatch):
+    """Found in review: the decode flow reported "finished" for a request it had stopped
+    because its client went away."""
+    from slaq.platform.keys import cancel_key
+
+    p = make_pair(step_delay_s=0.02)
+    rid = p.new_request(tiny_prompts[2])
+    assert p.pre.prefill(rid, 1).action == "handed_off"
+    monkeypatch.setattr(service_mod, "CANCEL_CHECK_INTERVAL_S", 0.0)
+    client = redis.Redis.from_url(redis_url)
+    client.set(cancel_key(rid), 1, ex=60)
+    try:
+        outcome = p.dec.decode(rid, 1)
+    finally:
+        client.delete(cancel_key(rid))
+    assert outcome.action == "cancelled", outcome
+    eid = engine_request_id(rid, 1)
+    assert p.dec_loop.call(lambda e: e.scheduler.get(eid)) is None
+    assert p.dec_loop.call(lambda e: e.has_unfinished()) is False
