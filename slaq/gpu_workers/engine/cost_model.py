@@ -417,6 +417,18 @@ class RecordingRunner:
         self.samples.append(samples_from_output(out, time.perf_counter() - t0, self.cell))
         return result
 
+    def launch(self, out: SchedulerOutput, prev):
+        """A step launched ahead (asynchronous scheduling), timed to its end as ``execute``
+        is: with ``sync`` it no longer overlaps the next one."""
+        if self.sync is not None:
+            self.sync()
+        t0 = time.perf_counter()
+        step = self.inner.launch(out, prev)
+        if self.sync is not None:
+            self.sync()
+        self.samples.append(samples_from_output(out, time.perf_counter() - t0, self.cell))
+        return step
+
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 

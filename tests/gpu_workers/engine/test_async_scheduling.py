@@ -206,3 +206,16 @@ def test_prefill_only_requests_still_hand_over_their_blocks(make_engine, tiny_pr
     assert len(eng.leased_blocks("r")) == -(-len(tiny_prompts[2]) // 4)
     eng.free_request("r")
     _assert_clean(eng)
+
+
+def test_calibration_records_the_steps_launched_ahead(make_engine):
+    """The cost-model calibration wraps the runner to time each step; a step launched ahead
+    is timed too (it once went around the recorder unseen)."""
+    from slaq.gpu_workers.engine.cost_model import record_engine
+
+    eng = make_engine(async_scheduling=True)
+    samples = record_engine(eng, prompt_lens=(8,), batch_sizes=(2,), max_tokens=4)
+    # One prefill step, then three decode steps of the two requests.
+    assert [s.chunks for s in samples] == [((0, 8), (0, 8)), ((8, 1), (8, 1)),
+                                           ((9, 1), (9, 1)), ((10, 1), (10, 1))]
+    assert all(s.seconds > 0 for s in samples)
