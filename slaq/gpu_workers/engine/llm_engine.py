@@ -248,6 +248,11 @@ class LLMEngine:
         self.scheduler.abort(request_id)
         self.block_manager.unpin(request_id)
         self._forget(request_id)
+        # A step not read yet may hold its last token (its end already decided): that must
+        # reach nobody, least of all a new request that reuses the id.
+        for held in (self._pending, self._inflight):
+            if held is not None:
+                held.dropped.add(request_id)
 
     def has_unfinished(self) -> bool:
         """True while anything is queued, running, or has outputs not yet returned."""
@@ -346,6 +351,8 @@ class LLMEngine:
             self._inflight = _InFlight(out, launched, early, ended, time.perf_counter())
             return ready
         t0 = time.perf_counter()  # a step that must see its tokens at once: after `prev`
+        if ended:  # `prev` ended them after `out` was scheduled: their blocks are gone
+            out.scheduled = [i for i in out.scheduled if i.seq.request_id not in ended]
         runner_out = RunnerOutput() if out.is_empty else self.runner.execute(out)
         finished = self.scheduler.update(out, runner_out, self.eos_token_ids)
         self._record(out, runner_out, time.perf_counter() - t0)
@@ -373,7 +380,7 @@ class LLMEngine:
                    and item.seq.request_id not in result.dropped]
         # Sequences the scheduler ended without running them (they outgrew the pool).
         outputs += [self._output(seq, result.runner_out, stopped) for seq in result.finished
-                    if seq.request_id not in sampled]
+                    if seq.request_id not in sampled and seq.request_id not in result.dropped]
         return outputs
 
     def _output(self, seq: Sequence, runner_out: RunnerOutput,
@@ -392,6 +399,10 @@ class LLMEngine:
         elif detok is not None and seq.is_finished and reason != PREFILL_DONE:
             text += detok.flush()
         finished = seq.is_finished
+        if finished:
+            # Its end goes out now, with its last token: if schedule() decided it (the
+            # sequence outgrew the pool while that token was on its way), not once more.
+            self.scheduler.discard_pending_end(seq)
         if finished and reason != PREFILL_DONE:
             self._forget(rid)
         lp = runner_out.logprobs.get(rid)

@@ -159,6 +159,13 @@ class Scheduler(HandoffAdmission, StepResults):
         self._forget(seq)
         return seq
 
+    def discard_pending_end(self, seq: Sequence) -> None:
+        """Do not return ``seq`` from the next :meth:`update` / :meth:`advance`: the engine
+        has reported the end that :meth:`schedule` decided for it (with the last token of a
+        step that ran before)."""
+        if self._finished_in_schedule:
+            self._finished_in_schedule = [s for s in self._finished_in_schedule if s is not seq]
+
     def abort(self, request_id: str) -> Sequence | None:
         """Cancel a request: ``finish(request_id, "abort")``."""
         return self.finish(request_id, "abort")
