@@ -25,6 +25,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -408,26 +409,22 @@ class RecordingRunner:
         self.samples: list[StepSample] = []
 
     def execute(self, out: SchedulerOutput, overlap=None):
-        if self.sync is not None:
-            self.sync()
-        t0 = time.perf_counter()
-        result = self.inner.execute(out, overlap)
-        if self.sync is not None:
-            self.sync()
-        self.samples.append(samples_from_output(out, time.perf_counter() - t0, self.cell))
-        return result
+        return self._timed(out, lambda: self.inner.execute(out, overlap))
 
     def launch(self, out: SchedulerOutput, prev):
         """A step launched ahead (asynchronous scheduling), timed to its end as ``execute``
         is: with ``sync`` it no longer overlaps the next one."""
+        return self._timed(out, lambda: self.inner.launch(out, prev))
+
+    def _timed(self, out: SchedulerOutput, run: Callable[[], Any]) -> Any:
         if self.sync is not None:
             self.sync()
         t0 = time.perf_counter()
-        step = self.inner.launch(out, prev)
+        result = run()
         if self.sync is not None:
             self.sync()
         self.samples.append(samples_from_output(out, time.perf_counter() - t0, self.cell))
-        return step
+        return result
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)

@@ -17,7 +17,7 @@ scheduler owns the queues, this module only holds the rules for applying results
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
@@ -54,24 +54,16 @@ class StepResults:
         Call it after every :meth:`schedule`, even an empty one: sequences the scheduler had
         to end itself (no KV room ever, reason ``"length"``) are returned here too.
         """
-        finished, self._finished_in_schedule = self._finished_in_schedule, []
         eos_ids = _eos_ids(eos_token_id)
-        for item in out.scheduled:
-            if not self._advance(item) or not item.sample:
-                continue
-            seq = item.seq
-            token_id = runner_output.sampled_token_ids[seq.request_id]
-            seq.append_token(token_id)
-            reason = "stop" if self._token_stops(seq, token_id, eos_ids) else \
-                self._length_reason(seq)
-            if reason is None and seq.prefill_only:
-                reason = PREFILL_DONE
-            if reason is not None:
-                self._end(seq, reason)
-                finished.append(seq)
-        if finished:
-            self._running = [s for s in self._running if s.status is SequenceStatus.RUNNING]
-        return finished
+        sampled = runner_output.sampled_token_ids
+
+        def reason_of(seq: Sequence, token_id: int) -> str | None:
+            if self._token_stops(seq, token_id, eos_ids):
+                return "stop"
+            reason = self._length_reason(seq)
+            return PREFILL_DONE if reason is None and seq.prefill_only else reason
+
+        return self._apply(out, lambda seq: sampled[seq.request_id], reason_of)
 
     def advance(self, out: SchedulerOutput) -> list[Sequence]:
         """The first half of :meth:`update`, for a step whose tokens are not known yet.
@@ -84,20 +76,11 @@ class StepResults:
         Returns those and the sequences :meth:`schedule` ended. Prefill-only sequences are
         never advanced: their lease starts from a known first token.
         """
-        finished, self._finished_in_schedule = self._finished_in_schedule, []
-        for item in out.scheduled:
-            if not self._advance(item) or not item.sample:
-                continue
-            seq = item.seq
+        def placeholder(seq: Sequence) -> int:
             assert not seq.prefill_only, "a prefill-only step is not scheduled ahead"
-            seq.append_token(PLACEHOLDER_TOKEN_ID)
-            reason = self._length_reason(seq)
-            if reason is not None:
-                self._end(seq, reason)
-                finished.append(seq)
-        if finished:
-            self._running = [s for s in self._running if s.status is SequenceStatus.RUNNING]
-        return finished
+            return PLACEHOLDER_TOKEN_ID
+
+        return self._apply(out, placeholder, lambda seq, _token_id: self._length_reason(seq))
 
     def resolve(self, out: SchedulerOutput, runner_output: RunnerOutput,
                 eos_token_id: int | Collection[int] | None) -> list[Sequence]:
@@ -127,6 +110,25 @@ class StepResults:
                 self.finish(seq.request_id, "stop")
                 ended.append(seq)
         return ended
+
+    def _apply(self, out: SchedulerOutput, token_of: Callable[[Sequence], int],
+               reason_of: Callable[[Sequence, int], str | None]) -> list[Sequence]:
+        """Advance each scheduled sequence; append ``token_of(seq)`` where it sampled and end
+        it where ``reason_of(seq, token)`` says. Returns the ended and the schedule-ended."""
+        finished, self._finished_in_schedule = self._finished_in_schedule, []
+        for item in out.scheduled:
+            if not self._advance(item) or not item.sample:
+                continue
+            seq = item.seq
+            token_id = token_of(seq)
+            seq.append_token(token_id)
+            reason = reason_of(seq, token_id)
+            if reason is not None:
+                self._end(seq, reason)
+                finished.append(seq)
+        if finished:
+            self._running = [s for s in self._running if s.status is SequenceStatus.RUNNING]
+        return finished
 
     def _advance(self, item: ScheduledSequence) -> bool:
         """Count a step's computed tokens (and cache the blocks they filled); False for a

@@ -186,3 +186,35 @@ def prefill_elsewhere(engine: Any, prompt: list[int], params: Any,
     while not outs or not outs[-1].finished:
         outs += engine.step()
     return outs[-1], engine.read_blocks(engine.leased_blocks("src")[skip:])
+
+
+def drain_outputs(engine: Any, requests: list[tuple[str, list[int], Any]],
+                  between: Any = None) -> dict[str, dict[str, Any]]:
+    """Add ``(request_id, prompt, params)`` requests and step ``engine`` to the end, checking
+    the scheduler after every step; per request: ``ids``, ``text``, ``reason``,
+    ``num_finished`` (outputs that said finished) and ``logprobs``. ``between(engine, i)``
+    runs after step ``i`` (to add or abort requests mid-way)."""
+    from collections import defaultdict
+
+    from slaq.gpu_workers.engine.sequence import PLACEHOLDER_TOKEN_ID
+
+    for rid, prompt, params in requests:
+        engine.add_request(rid, prompt, params)
+    got: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"ids": [], "text": "", "reason": None, "num_finished": 0, "logprobs": []})
+    i = 0
+    while engine.has_unfinished():
+        for o in engine.step():
+            assert PLACEHOLDER_TOKEN_ID not in o.new_token_ids
+            g = got[o.request_id]
+            g["ids"] += o.new_token_ids
+            g["text"] += o.new_text
+            g["logprobs"] += o.logprobs or []
+            if o.finished:
+                g["reason"] = o.finish_reason
+                g["num_finished"] += 1
+        engine.scheduler.check_integrity()
+        if between is not None:
+            between(engine, i)
+        i += 1
+    return dict(got)

@@ -1,4 +1,6 @@
-"""Asynchronous output processing: a step's outputs are built during the next step's forward.
+"""The asynchronous modes: a step's outputs are built during the next step's forward
+(asynchronous output), and plain greedy steps are also scheduled and launched before the
+previous step's tokens are read (asynchronous scheduling; more in test_async_scheduling).
 
 On CPU nothing actually overlaps, but the bookkeeping is the same as on CUDA, so every
 scenario here must give exactly what the synchronous engine gives.
@@ -6,41 +8,32 @@ scenario here must give exactly what the synchronous engine gives.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import pytest
 
 from slaq.gpu_workers.engine.config import SamplingParams
 from slaq.gpu_workers.engine.scheduler import PREFILL_DONE
+from slaq.gpu_workers.engine.testing import drain_outputs
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+SYNC = {"async_output": False, "async_scheduling": False}
+# Both asynchronous modes: outputs built during the next forward, and (on top of that, for
+# plain greedy steps) the next step scheduled and launched before this one's tokens are read.
+MODES = {"async_output": {"async_output": True, "async_scheduling": False},
+         "async_scheduling": {"async_scheduling": True}}
 
 
-def _drain(eng, requests) -> dict[str, dict]:
-    """Add ``(rid, prompt, params)`` requests, step to the end; per request: tokens, text,
-    finish reason, and how many outputs said finished."""
-    for rid, prompt, params in requests:
-        eng.add_request(rid, prompt, params)
-    got: dict[str, dict] = defaultdict(lambda: {"ids": [], "text": "", "reason": None,
-                                                "num_finished": 0, "logprobs": []})
-    while eng.has_unfinished():
-        for o in eng.step():
-            g = got[o.request_id]
-            g["ids"] += o.new_token_ids
-            g["text"] += o.new_text
-            g["logprobs"] += o.logprobs or []
-            if o.finished:
-                g["reason"] = o.finish_reason
-                g["num_finished"] += 1
-        eng.scheduler.check_integrity()
-    return dict(got)
+@pytest.fixture(params=list(MODES))
+def mode(request) -> dict:
+    return MODES[request.param]
 
 
-def _both(make_engine, requests, **kw):
-    sync = _drain(make_engine(async_output=False, **kw), requests)
-    eng = make_engine(async_output=True, **kw)
-    return sync, _drain(eng, requests), eng
+def _both(make_engine, requests, mode, **kw):
+    sync = drain_outputs(make_engine(**SYNC, **kw), requests)
+    eng = make_engine(**mode, **kw)
+    return sync, drain_outputs(eng, requests), eng
 
 
-def test_mixed_batch_gives_the_same_outputs(make_engine, tiny_prompts):
+def test_mixed_batch_gives_the_same_outputs(make_engine, tiny_prompts, mode):
     requests = [(f"g{i}", p, SamplingParams(temperature=0.0, max_tokens=5 + 3 * i,
                                             ignore_eos=True))
                 for i, p in enumerate(tiny_prompts)]
@@ -48,7 +41,9 @@ def test_mixed_batch_gives_the_same_outputs(make_engine, tiny_prompts):
         temperature=0.9, top_p=0.9, seed=11, max_tokens=12, ignore_eos=True)))
     requests.append(("lp", tiny_prompts[0], SamplingParams(
         temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)))
-    sync, async_, eng = _both(make_engine, requests)
+    requests.append(("pen", tiny_prompts[2], SamplingParams(
+        temperature=0.0, max_tokens=9, ignore_eos=True, repetition_penalty=1.3)))
+    sync, async_, eng = _both(make_engine, requests, mode)
     assert async_ == sync
     assert all(g["num_finished"] == 1 for g in async_.values())
     st = eng.stats()
@@ -94,13 +89,13 @@ def test_first_tokens_come_out_of_the_step_that_computed_them(make_engine, tiny_
     eng.scheduler.check_integrity()
 
 
-def test_stop_string_drops_the_token_computed_after_it(make_engine, tiny_prompts):
+def test_stop_string_drops_the_token_computed_after_it(make_engine, tiny_prompts, mode):
     ref = make_engine().generate([tiny_prompts[3]], GREEDY)[0]
     cut = len(ref.text) // 2
     stop = ref.text[cut:cut + 3]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=(stop,))
     sync, async_, eng = _both(make_engine, [("s", tiny_prompts[3], params),
-                                            ("other", tiny_prompts[0], GREEDY)])
+                                            ("other", tiny_prompts[0], GREEDY)], mode)
     assert async_ == sync
     assert async_["s"]["reason"] == "stop" and async_["s"]["text"] == ref.text[:ref.text.index(
         stop)]
@@ -108,16 +103,17 @@ def test_stop_string_drops_the_token_computed_after_it(make_engine, tiny_prompts
     assert eng.stats().num_blocks_used == 0
 
 
-def test_preemption_under_a_tight_pool(make_engine, tiny_prompts):
+def test_preemption_under_a_tight_pool(make_engine, tiny_prompts, mode):
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     requests = [(f"r{i}", p, params) for i, p in enumerate(tiny_prompts)]
-    sync, async_, eng = _both(make_engine, requests, num_blocks=40)
+    sync, async_, eng = _both(make_engine, requests, mode, num_blocks=40)
     assert async_ == sync
+    # Under asynchronous scheduling sequences were preempted while holding a placeholder.
     assert eng.stats().num_preemptions > 0
 
 
-def test_abort_while_outputs_are_pending(make_engine, tiny_prompts):
-    eng = make_engine(async_output=True)
+def test_abort_while_outputs_are_pending(make_engine, tiny_prompts, mode):
+    eng = make_engine(**mode)
     eng.add_request("a", tiny_prompts[0], GREEDY)
     eng.add_request("b", tiny_prompts[1], GREEDY)
     eng.step()
@@ -133,14 +129,17 @@ def test_abort_while_outputs_are_pending(make_engine, tiny_prompts):
     eng.scheduler.check_integrity()
 
 
-def test_prefill_only_requests_still_hand_over_their_blocks(make_engine, tiny_prompts):
-    eng = make_engine(async_output=True, num_blocks=64)
+def test_prefill_only_requests_still_hand_over_their_blocks(make_engine, tiny_prompts, mode):
+    eng = make_engine(num_blocks=64, **mode)
+    eng.add_request("d", tiny_prompts[0], GREEDY)
+    eng.step()
+    eng.step()  # "d" decodes (ahead, under asynchronous scheduling)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     eng.add_request("r", tiny_prompts[2], params, prefill_only=True)
     outs = []
     while eng.has_unfinished():
         outs += eng.step()
-    [first] = outs
+    [first] = [o for o in outs if o.request_id == "r"]
     assert first.finished and first.finish_reason == PREFILL_DONE
     assert len(eng.leased_blocks("r")) == -(-len(tiny_prompts[2]) // 4)
     eng.free_request("r")

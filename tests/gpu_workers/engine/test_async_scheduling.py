@@ -10,73 +10,23 @@ from __future__ import annotations
 from collections import defaultdict
 
 from slaq.gpu_workers.engine.config import SamplingParams
-from slaq.gpu_workers.engine.scheduler import PREFILL_DONE
-from slaq.gpu_workers.engine.sequence import PLACEHOLDER_TOKEN_ID
+from slaq.gpu_workers.engine.testing import drain_outputs
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
-def _drain(eng, requests, *, between=None) -> dict[str, dict]:
-    """Add ``(rid, prompt, params)`` requests and step to the end; per request: tokens, text,
-    finish reason, how many outputs said finished. ``between(eng, step_index)`` runs after
-    each step."""
-    for rid, prompt, params in requests:
-        eng.add_request(rid, prompt, params)
-    got: dict[str, dict] = defaultdict(lambda: {"ids": [], "text": "", "reason": None,
-                                                "num_finished": 0, "logprobs": []})
-    i = 0
-    while eng.has_unfinished():
-        for o in eng.step():
-            g = got[o.request_id]
-            assert PLACEHOLDER_TOKEN_ID not in o.new_token_ids
-            g["ids"] += o.new_token_ids
-            g["text"] += o.new_text
-            g["logprobs"] += o.logprobs or []
-            if o.finished:
-                g["reason"] = o.finish_reason
-                g["num_finished"] += 1
-        eng.scheduler.check_integrity()
-        if between is not None:
-            between(eng, i)
-        i += 1
-    return dict(got)
-
-
 def _both(make_engine, requests, **kw):
-    sync = _drain(make_engine(async_output=False, async_scheduling=False, **kw), requests)
+    sync = drain_outputs(make_engine(async_output=False, async_scheduling=False, **kw),
+                         requests)
     eng = make_engine(async_scheduling=True, **kw)
     assert eng._schedule_ahead
-    return sync, _drain(eng, requests), eng
+    return sync, drain_outputs(eng, requests), eng
 
 
 def _assert_clean(eng) -> None:
     st = eng.stats()
     assert st.num_running == 0 and st.num_waiting == 0 and st.num_blocks_used == 0
     eng.scheduler.check_integrity()
-
-
-def test_greedy_batch_gives_the_same_outputs(make_engine, tiny_prompts):
-    requests = [(f"g{i}", p, SamplingParams(temperature=0.0, max_tokens=5 + 3 * i,
-                                            ignore_eos=True))
-                for i, p in enumerate(tiny_prompts)]
-    sync, ahead, eng = _both(make_engine, requests)
-    assert ahead == sync
-    assert all(g["num_finished"] == 1 for g in ahead.values())
-    _assert_clean(eng)
-
-
-def test_steps_mixing_in_sampled_and_logprob_rows_fall_back_and_agree(make_engine,
-                                                                      tiny_prompts):
-    requests = [(f"g{i}", p, GREEDY) for i, p in enumerate(tiny_prompts)]
-    requests.append(("seeded", tiny_prompts[1], SamplingParams(
-        temperature=0.9, top_p=0.9, seed=11, max_tokens=12, ignore_eos=True)))
-    requests.append(("lp", tiny_prompts[0], SamplingParams(
-        temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)))
-    requests.append(("pen", tiny_prompts[2], SamplingParams(
-        temperature=0.0, max_tokens=9, ignore_eos=True, repetition_penalty=1.3)))
-    sync, ahead, eng = _both(make_engine, requests)
-    assert ahead == sync
-    _assert_clean(eng)
 
 
 def test_the_next_step_is_launched_before_the_previous_is_read(make_engine, tiny_prompts):
@@ -134,47 +84,6 @@ def test_a_stop_token_drops_the_row_computed_after_it(make_engine, tiny_prompts)
     _assert_clean(eng)
 
 
-def test_stop_string(make_engine, tiny_prompts):
-    ref = make_engine().generate([tiny_prompts[3]], GREEDY)[0]
-    cut = len(ref.text) // 2
-    stop = ref.text[cut:cut + 3]
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=(stop,))
-    sync, ahead, eng = _both(make_engine, [("s", tiny_prompts[3], params),
-                                           ("other", tiny_prompts[0], GREEDY)])
-    assert ahead == sync
-    assert ahead["s"]["reason"] == "stop"
-    assert ahead["s"]["text"] == ref.text[:ref.text.index(stop)]
-    _assert_clean(eng)
-
-
-def test_preemption_under_a_tight_pool(make_engine, tiny_prompts):
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    requests = [(f"r{i}", p, params) for i, p in enumerate(tiny_prompts)]
-    sync, ahead, eng = _both(make_engine, requests, num_blocks=40)
-    assert ahead == sync
-    # Sequences were preempted while holding a placeholder and came back through a
-    # re-prefill whose last token the runner took from the device.
-    assert eng.stats().num_preemptions > 0
-    _assert_clean(eng)
-
-
-def test_abort_while_a_step_is_in_flight(make_engine, tiny_prompts):
-    eng = make_engine(async_scheduling=True)
-    eng.add_request("a", tiny_prompts[0], GREEDY)
-    eng.add_request("b", tiny_prompts[1], GREEDY)
-    eng.step()
-    eng.step()
-    assert eng._inflight is not None
-    eng.abort("a")
-    outs = []
-    while eng.has_unfinished():
-        outs += eng.step()
-    b = [o for o in outs if o.request_id == "b"]
-    assert sum(len(o.new_token_ids) for o in b) == 24 - 1 and b[-1].finish_reason == "length"
-    assert all(not o.new_token_ids for o in outs if o.request_id == "a")
-    _assert_clean(eng)
-
-
 def test_requests_added_while_a_step_is_in_flight(make_engine, tiny_prompts):
     requests = [(f"r{i}", p, GREEDY) for i, p in enumerate(tiny_prompts)]
     ref = make_engine(async_output=False, async_scheduling=False).generate(
@@ -186,25 +95,8 @@ def test_requests_added_while_a_step_is_in_flight(make_engine, tiny_prompts):
         if pending:
             e.add_request(*pending.pop(0))
 
-    got = _drain(eng, [pending.pop(0)], between=add_one)
+    got = drain_outputs(eng, [pending.pop(0)], between=add_one)
     assert [got[rid]["ids"] for rid, _, _ in requests] == [c.token_ids for c in ref]
-    _assert_clean(eng)
-
-
-def test_prefill_only_requests_still_hand_over_their_blocks(make_engine, tiny_prompts):
-    eng = make_engine(async_scheduling=True, num_blocks=64)
-    eng.add_request("d", tiny_prompts[0], GREEDY)
-    eng.step()
-    eng.step()  # "d" decodes ahead
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    eng.add_request("r", tiny_prompts[2], params, prefill_only=True)
-    outs = []
-    while eng.has_unfinished():
-        outs += eng.step()
-    [first] = [o for o in outs if o.request_id == "r"]
-    assert first.finished and first.finish_reason == PREFILL_DONE
-    assert len(eng.leased_blocks("r")) == -(-len(tiny_prompts[2]) // 4)
-    eng.free_request("r")
     _assert_clean(eng)
 
 
