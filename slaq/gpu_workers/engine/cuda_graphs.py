@@ -270,13 +270,20 @@ def graph_rows(scheduled: list[ScheduledSequence], block_size: int, max_rows: in
         return None
     rows = GraphRows()
     for item in scheduled:
-        seq, end = item.seq, item.start + item.num_new_tokens
+        seq, start, end = item.seq, item.start, item.start + item.num_new_tokens
         table = seq.block_table
-        for pos in range(item.start, end):
-            rows.token_ids.append(seq.token_id_at(pos))
-            rows.block_tables.append(table[:pos // block_size + 1])
-        rows.positions += range(item.start, end)
-        rows.slots += seq.slots(item.start, end, block_size)
+        if end == start + 1:  # a decode (most rows): the loop below, without its overhead
+            block = start // block_size
+            rows.token_ids.append(seq.token_id_at(start))
+            rows.block_tables.append(table[:block + 1])
+            rows.positions.append(start)
+            rows.slots.append(table[block] * block_size + start % block_size)
+        else:
+            for pos in range(start, end):
+                rows.token_ids.append(seq.token_id_at(pos))
+                rows.block_tables.append(table[:pos // block_size + 1])
+            rows.positions += range(start, end)
+            rows.slots += seq.slots(start, end, block_size)
         if item.sample:
             rows.sample_indices.append(len(rows.token_ids) - 1)
             rows.requests.append(SampleRequest.of(seq))

@@ -62,6 +62,9 @@ class IncrementalDetokenizer:
         return after[len(before):]
 
     def _release(self, pending: str) -> str:
+        if not self._stop:  # most requests: nothing to match or hold back
+            self.text += pending
+            return pending
         hit = min((i for i in (pending.find(s) for s in self._stop) if i >= 0), default=-1)
         if hit >= 0:
             self.stopped = True

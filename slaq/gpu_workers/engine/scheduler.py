@@ -210,10 +210,17 @@ class Scheduler(HandoffAdmission, StepResults):
 
     def _schedule_decodes(self, out: SchedulerOutput, budget: int) -> int:
         bm = self.block_manager
+        block_size = bm.block_size
         i = 0
         while i < len(self._running) and budget > 0:
             seq = self._running[i]
             if seq.num_uncomputed_tokens != 1:
+                i += 1
+                continue
+            if seq.num_computed_tokens < len(seq.block_table) * block_size:
+                # The token's slot is in a block it holds (15 steps in 16): nothing to allocate.
+                out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, 1))
+                budget -= 1
                 i += 1
                 continue
             if self._never_fits(seq.num_computed_tokens + 1):
