@@ -74,7 +74,8 @@ def bench() -> None:
               help="Prompts in the prefill comparison (0 skips it).")
 @click.option("--prefill-len", default=2048, show_default=True, type=int)
 @click.option("--runners", default=None,
-              help="Comma-separated among eager,triton,graphs (default: eager on CPU, "
+              help="Comma-separated among eager,triton,graphs,graphs-sync,graphs-plain "
+                   "(graphs-sync: without asynchronous scheduling; default: eager on CPU, "
                    "eager,graphs on CUDA).")
 @click.option("--no-hf", is_flag=True, help="Skip the HF transformers baseline.")
 @click.option("--out", default=None, help="Also write the JSON here.")
