@@ -217,25 +217,21 @@ class Scheduler(HandoffAdmission, StepResults):
             if seq.num_uncomputed_tokens != 1:
                 i += 1
                 continue
-            if seq.num_computed_tokens < len(seq.block_table) * block_size:
-                # The token's slot is in a block it holds (15 steps in 16): nothing to allocate.
-                out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, 1))
-                budget -= 1
-                i += 1
-                continue
-            if self._never_fits(seq.num_computed_tokens + 1):
-                # Outgrew the whole pool: preempting it would only requeue it forever.
-                del self._running[i]
-                seq.finish("length")
-                self._forget(seq)
-                self._finished_in_schedule.append(seq)
-                continue
-            while not bm.can_append(seq, 1):
-                victim = self._running[-1]  # never one scheduled already: those come first
-                self._preempt(victim, out)
-                if victim is seq:
-                    return budget
-            bm.append_slots(seq, 1)
+            # 15 steps in 16 (blocks of 16) the token's slot is in a block it holds already.
+            if seq.num_computed_tokens >= len(seq.block_table) * block_size:
+                if self._never_fits(seq.num_computed_tokens + 1):
+                    # Outgrew the whole pool: preempting it would only requeue it forever.
+                    del self._running[i]
+                    seq.finish("length")
+                    self._forget(seq)
+                    self._finished_in_schedule.append(seq)
+                    continue
+                while not bm.can_append(seq, 1):
+                    victim = self._running[-1]  # never one scheduled already: they come first
+                    self._preempt(victim, out)
+                    if victim is seq:
+                        return budget
+                bm.append_slots(seq, 1)
             out.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, 1))
             budget -= 1
             i += 1
