@@ -50,6 +50,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def argmax_only(self) -> bool:
+        """Whether the logits' argmax alone gives the token: greedy, unpenalised, no logprobs
+        (the sampler then needs no float copy; asynchronous scheduling may run ahead)."""
+        return self.greedy and self.repetition_penalty == 1.0 and self.logprobs is None
+
     def to_dict(self) -> dict:
         return {
             "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,

@@ -22,7 +22,12 @@ import torch
 
 from slaq.gpu_workers.engine.attention import AttentionMetadata
 from slaq.gpu_workers.engine.config import EngineConfig
-from slaq.gpu_workers.engine.model_runner import LaunchedStep, ModelRunner, fill_placeholders
+from slaq.gpu_workers.engine.model_runner import (
+    LaunchedStep,
+    ModelRunner,
+    fill_placeholders,
+    index_tensor,
+)
 from slaq.gpu_workers.engine.models import ModelConfig
 from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from slaq.gpu_workers.engine.sampler import SampleRequest, greedy_argmax
@@ -199,8 +204,8 @@ class CudaGraphModelRunner(ModelRunner):
             rows.token_ids, rows.positions, rows.slots, rows.block_tables,
             fill=lambda ids: fill_placeholders(ids, rows.placeholder_rows, prev))
         if len(rows.sample_indices) != len(rows.token_ids):
-            greedy_ids = greedy_ids.index_select(0, _pinned_index(rows.sample_indices,
-                                                                  greedy_ids.device))
+            greedy_ids = greedy_ids.index_select(0, index_tensor(rows.sample_indices,
+                                                                 greedy_ids.device))
         # No copy of the graph's output buffer is needed: the next replay overwrites it, but
         # both its readers (the copy to the host, the next step's fill) come first in the
         # stream.
@@ -212,7 +217,7 @@ class CudaGraphModelRunner(ModelRunner):
                                              rows.block_tables)
         if len(rows.sample_indices) != len(rows.token_ids):
             # Not blocking, or ``overlap`` would no longer hide behind the replay.
-            idx = _pinned_index(rows.sample_indices, logits.device)
+            idx = index_tensor(rows.sample_indices, logits.device)
             logits, greedy_ids = logits.index_select(0, idx), greedy_ids.index_select(0, idx)
         if overlap is not None:
             overlap()  # the replay is queued: host work here hides behind it
@@ -240,12 +245,6 @@ class GraphRows:
     requests: list[SampleRequest] = field(default_factory=list)  # one per sampled row
     # (row, request id) of tokens the previous launched step samples (placeholders)
     placeholder_rows: list[tuple[int, str]] = field(default_factory=list)
-
-
-def _pinned_index(indices: list[int], device: torch.device) -> torch.Tensor:
-    """``indices`` on ``device``, sent from pinned memory without blocking: a plain
-    ``torch.tensor(..., device=cuda)`` is a blocking copy that would wait for the step."""
-    return torch.tensor(indices, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
 
 
 def graph_rows(scheduled: list[ScheduledSequence], block_size: int, max_rows: int,

@@ -71,11 +71,6 @@ class _InFlight:
     launch_time: float
 
 
-def _plain_greedy(params: SamplingParams) -> bool:
-    """Whether the device's argmax alone gives this row's token (asynchronous scheduling)."""
-    return params.greedy and params.repetition_penalty == 1.0 and params.logprobs is None
-
-
 @dataclass(slots=True)
 class Completion:
     """A whole request's result, from :meth:`LLMEngine.generate`."""
@@ -111,12 +106,10 @@ class LLMEngine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._recent: deque[tuple[float, float, int, int]] = deque()  # (end, dt, prefill, dec)
-        async_output = config.async_output
-        if async_output is None:
-            async_output = config.device.startswith("cuda") and runner != "sim"
-        ahead = config.async_scheduling
-        if ahead is None:
-            ahead = config.device.startswith("cuda") and runner != "sim"
+        # Both default to on where a device runs the forward asynchronously to the host.
+        on_device = config.device.startswith("cuda") and runner != "sim"
+        async_output = on_device if config.async_output is None else config.async_output
+        ahead = on_device if config.async_scheduling is None else config.async_scheduling
         self._schedule_ahead = ahead and hasattr(self.runner, "launch")
         self._async_output = async_output and not self._schedule_ahead
         self._pending: _StepResult | None = None
@@ -341,7 +334,7 @@ class LLMEngine:
         prev, self._inflight = self._inflight, None
         out = self.scheduler.schedule()
         launched = None
-        if not out.is_empty and all(_plain_greedy(i.seq.params) and not i.seq.prefill_only
+        if not out.is_empty and all(i.seq.params.argmax_only and not i.seq.prefill_only
                                     for i in out.scheduled if i.sample):
             launched = self.runner.launch(out, None if prev is None else prev.launched)
         ended: set[str] = set()  # sequences of `out` ended since it was scheduled

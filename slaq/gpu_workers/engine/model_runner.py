@@ -32,7 +32,7 @@ from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, Sch
 from slaq.gpu_workers.engine.sampler import Sampler, SampleRequest, greedy_argmax
 from slaq.gpu_workers.engine.sequence import PLACEHOLDER_TOKEN_ID
 
-__all__ = ["LaunchedStep", "ModelRunner", "fill_placeholders", "open_shm_pool"]
+__all__ = ["LaunchedStep", "ModelRunner", "fill_placeholders", "index_tensor", "open_shm_pool"]
 
 # CPU: bytes the contiguous copy of the decode batch's K/V may take (see decode_cache).
 DECODE_KV_BYTES = 2 * 1024 ** 3
@@ -62,23 +62,16 @@ class LaunchedStep:
     token_ids: torch.Tensor
     host_token_ids: torch.Tensor
     ready: torch.cuda.Event | None
-    row_of: dict[str, int]
 
     @classmethod
     def start(cls, request_ids: list[str], token_ids: torch.Tensor) -> LaunchedStep:
         if token_ids.device.type != "cuda":
-            return cls(request_ids, token_ids, token_ids, None, {})
+            return cls(request_ids, token_ids, token_ids, None)
         host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
         host.copy_(token_ids, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return cls(request_ids, token_ids, host, ready, {})
-
-    def source_rows(self, request_ids: list[str]) -> list[int]:
-        """The rows of ``token_ids`` sampled for ``request_ids``."""
-        if not self.row_of:
-            self.row_of = {rid: i for i, rid in enumerate(self.request_ids)}
-        return [self.row_of[rid] for rid in request_ids]
+        return cls(request_ids, token_ids, host, ready)
 
     def collect(self) -> RunnerOutput:
         """Wait for the tokens and hand them over."""
@@ -95,12 +88,18 @@ def fill_placeholders(input_ids: torch.Tensor, placeholder_rows: list[tuple[int,
     if not placeholder_rows:
         return
     assert prev is not None, "placeholder tokens but no launched step to take them from"
-    src = prev.source_rows([rid for _, rid in placeholder_rows])
-    idx = torch.tensor([[row for row, _ in placeholder_rows], src], dtype=torch.long,
-                       pin_memory=input_ids.device.type == "cuda")
-    # From pinned memory without blocking: the host must not wait for the running step.
-    idx = idx.to(input_ids.device, non_blocking=True)
+    row_of = {rid: i for i, rid in enumerate(prev.request_ids)}
+    idx = index_tensor([[row for row, _ in placeholder_rows],
+                        [row_of[rid] for _, rid in placeholder_rows]], input_ids.device)
     input_ids.index_copy_(0, idx[0], prev.token_ids.index_select(0, idx[1]))
+
+
+def index_tensor(indices: list[int] | list[list[int]], device: torch.device) -> torch.Tensor:
+    """``indices`` as a long tensor on ``device``; to a GPU from pinned memory without
+    blocking (a plain ``torch.tensor(..., device=cuda)`` is a blocking copy that would wait
+    for the step running there)."""
+    cuda = device.type == "cuda"
+    return torch.tensor(indices, dtype=torch.long, pin_memory=cuda).to(device, non_blocking=cuda)
 
 
 class ModelRunner:

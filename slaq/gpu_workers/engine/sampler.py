@@ -70,11 +70,9 @@ class Sampler:
         batch that is all greedy, unpenalised and without logprobs.
         """
         assert logits.shape[0] == len(rows)
-        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
-        needs_raw = bool(random_rows) or any(
-            r.params.repetition_penalty != 1.0 or r.params.logprobs is not None for r in rows)
-        if greedy_ids is not None and not needs_raw:
+        if greedy_ids is not None and all(r.params.argmax_only for r in rows):
             return SamplerOutput(token_ids=greedy_ids.tolist(), logprobs=[None] * len(rows))
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         raw = logits.float()
         logits = apply_repetition_penalty(raw, rows)
         token_ids = greedy_argmax(logits)

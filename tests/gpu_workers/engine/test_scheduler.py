@@ -544,8 +544,11 @@ def _random_workload(seed: int) -> list[tuple[int, Sequence]]:
     return workload
 
 
-def _run_workload(sched: Scheduler, seed: int, abort_ids: set[str]) -> dict[str, Sequence]:
-    pending = _random_workload(seed)
+def _run_workload(sched: Scheduler, seed: int | list[tuple[int, Sequence]],
+                  abort_ids: set[str], token_fn=fake_token) -> dict[str, Sequence]:
+    """Synchronous steps over a timed workload (a seed of :func:`_random_workload`, or the
+    workload itself); the finished sequences by request id."""
+    pending = _random_workload(seed) if isinstance(seed, int) else list(seed)
     abort_at = {seq.request_id: n + 2 for n, seq in pending if seq.request_id in abort_ids}
     finished: dict[str, Sequence] = {}
     for n in range(3000):
@@ -558,7 +561,7 @@ def _run_workload(sched: Scheduler, seed: int, abort_ids: set[str]) -> dict[str,
                 finished[rid] = seq
         if not pending and not sched.has_unfinished():
             return finished
-        _, done = step(sched)
+        _, done = step(sched, token_fn=token_fn)
         finished.update((s.request_id, s) for s in done)
     raise AssertionError("did not finish: livelock?")
 
@@ -907,7 +910,7 @@ def test_scheduling_ahead_gives_the_tokens_of_synchronous_steps(
     seed: int, num_blocks: int, budget: int, max_num_seqs: int
 ) -> None:
     roomy = make_sched(num_blocks=256, max_num_batched_tokens=256)
-    expected = {s.request_id: s for s in run_all_workload(roomy, _eos_workload(seed))}
+    expected = _run_workload(roomy, _eos_workload(seed), set(), token_fn=eos_sometimes)
     sched = make_sched(num_blocks=num_blocks, max_num_batched_tokens=budget,
                        max_num_seqs=max_num_seqs)
     got = _run_ahead(sched, _eos_workload(seed))
@@ -923,16 +926,3 @@ def test_scheduling_ahead_gives_the_tokens_of_synchronous_steps(
                                                              want.finish_reason)
     assert sched.block_manager.num_used_blocks == 0
     assert sched.num_preemptions > 0
-
-
-def run_all_workload(sched: Scheduler, workload: list[tuple[int, Sequence]]) -> list[Sequence]:
-    """Synchronous steps over a timed workload; the finished sequences."""
-    pending, finished = list(workload), []
-    for n in range(3000):
-        for _, seq in [p for p in pending if p[0] == n]:
-            sched.add(seq)
-        pending = [p for p in pending if p[0] != n]
-        if not pending and not sched.has_unfinished():
-            return finished
-        finished += step(sched, token_fn=eos_sometimes)[1]
-    raise AssertionError("did not finish: livelock?")
