@@ -17,8 +17,12 @@ rounds, so that what the mode gives each side is measured beside the headline.
 
 from __future__ import annotations
 
+import slaq  # noqa: F401  (first: it turns on huge pages before torch allocates)
+
+# isort: split
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -60,11 +64,15 @@ def main() -> None:
                     help="also run our engine with the CPU decode K/V copy off (the gather "
                          "path it replaced), in the same rounds")
     ap.add_argument("--with-unpacked", action="store_true",
-                    help="also run our engine in strict fp32 with plain (not MKL-packed) "
-                         "linears, in the same rounds")
+                    help="also run our engine in strict fp32 with plain F.linear (MKL sgemm, "
+                         "not oneDNN-packed) linears, in the same rounds")
     ap.add_argument("--with-strict", action="store_true",
-                    help="also run our engine in strict fp32 (MKL-packed decode linears), in "
+                    help="also run our engine in strict fp32 (oneDNN-packed linears), in "
                          "the same rounds")
+    ap.add_argument("--with-copy", action="store_true",
+                    help="also run our engine with the decode attention on the contiguous "
+                         "K/V copy and batched matmuls instead of the C paged kernel, in the "
+                         "same rounds")
     ap.add_argument("--hf-bf16", action="store_true",
                     help="also run HF generate under oneDNN's bf16 math mode, in the same rounds")
     args = ap.parse_args()
@@ -75,14 +83,20 @@ def main() -> None:
     hf_model = load_hf(cfg)
     engine = build_engine(cfg, "eager", args.batch, _num_blocks(cfg))
     prompts = _prompts(cfg, args.batch, engine.model_config.vocab_size, cfg.seed + args.batch)
-    print(json.dumps({"ours_matmul_precision": engine.runner.matmul_precision}), flush=True)
+    setup = {"ours_matmul_precision": engine.runner.matmul_precision,
+             "ours_decode_attention": type(engine.runner.backend).__name__,
+             "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE")}
+    print(json.dumps(setup), flush=True)
     variants = {}
     if args.with_strict:
         variants["strict"] = build_engine(cfg, "eager", args.batch, _num_blocks(cfg), "ieee")
+    if args.with_copy:
+        variants["copy"] = build_engine(cfg, "eager", args.batch, _num_blocks(cfg),
+                                        cpu_decode_attention="copy")
     if args.with_unpacked:
         from slaq.gpu_workers.engine.models.cpu_linear import unpack_linears
 
-        # Our engine as it ran before the MKL-packed decode matmuls.
+        # Our engine with MKL's F.linear, as it ran before the prepacked matmuls.
         variants["unpacked"] = build_engine(cfg, "eager", args.batch, _num_blocks(cfg), "ieee")
         unpack_linears(variants["unpacked"].runner.model)
     for other in variants.values():
@@ -134,7 +148,7 @@ def main() -> None:
     result = {
         "bench": "cpu_engine_vs_hf", "device": device_name("cpu"), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "model": cfg.model, "batch": args.batch,
-        "ours_matmul_precision": engine.runner.matmul_precision,
+        **setup,
         "bf16_math_error": bf16_math_error(),
         "prompt_len": list(cfg.prompt_len), "new_tokens": cfg.new_tokens,
         "rounds": rounds,

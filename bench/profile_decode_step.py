@@ -6,6 +6,9 @@ request has its first token, then decode steps are timed bare and under ``torch.
 
 from __future__ import annotations
 
+import slaq  # noqa: F401  (first: it turns on huge pages before torch allocates)
+
+# isort: split
 import argparse
 import json
 import statistics

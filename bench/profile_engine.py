@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import slaq  # noqa: F401  (first: it turns on huge pages before torch allocates)
+
+# isort: split
 import cProfile
 import pstats
 import sys

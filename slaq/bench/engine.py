@@ -151,7 +151,7 @@ def _free_memory(device: str) -> None:
 
 
 def build_engine(cfg: EngineBenchConfig, runner: str, max_num_seqs: int, num_blocks: int,
-                 cpu_matmul_precision: str = "bf16") -> Any:
+                 cpu_matmul_precision: str = "bf16", cpu_decode_attention: str = "auto") -> Any:
     from slaq.gpu_workers.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from slaq.gpu_workers.engine.llm_engine import LLMEngine
     from slaq.gpu_workers.engine.loader import load_model_config
@@ -167,6 +167,7 @@ def build_engine(cfg: EngineBenchConfig, runner: str, max_num_seqs: int, num_blo
         cache=CacheConfig(block_size=cfg.block_size, num_blocks=num_blocks,
                           enable_prefix_caching=False),
         use_cuda_graphs=runner.startswith("graphs"), cpu_matmul_precision=cpu_matmul_precision,
+        cpu_decode_attention=cpu_decode_attention,
         **_RUNNER_OPTIONS.get(runner, {}))
     if runner == "eager":
         return LLMEngine(config)

@@ -4,9 +4,10 @@ The model calls ``backend.forward(q, k, v, kv_cache, meta)`` once per layer. A b
 writes the new keys/values into the pool at ``meta.slot_mapping`` and then attends each query to
 everything its sequence has in the cache. :class:`TorchSDPABackend` is the portable path
 (gather the blocks of each sequence, then ``scaled_dot_product_attention``; on CPU decodes
-read a contiguous copy of the batch's K/V kept across steps, ``meta.decode_kv``); a paged
-Triton/FlexAttention kernel plugs in by implementing :class:`AttentionBackend` and being
-returned from :func:`get_attention_backend` for its device.
+read a contiguous copy of the batch's K/V kept across steps, ``meta.decode_kv``).
+:class:`CpuPagedBackend` keeps SDPA for prefill chunks and reads decodes' K/V in place from
+the pool with a C kernel (``cpu_kernels``); the Triton kernel does the same on CUDA
+(``paged_attention``). :func:`get_attention_backend` picks one for the device.
 
 Token layout in a step (built by the model runner): all prefill chunks first, one after the
 other, then all decodes (one token each).
@@ -19,10 +20,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from slaq.gpu_workers.engine.kv_pool import gather_blocks
 
 if TYPE_CHECKING:
+    from slaq.gpu_workers.engine.cpu_kernels import PagedDecodeKernel
     from slaq.gpu_workers.engine.decode_cache import DecodeKVCache
 
 
@@ -68,7 +71,12 @@ class AttentionMetadata:
 
 class AttentionBackend(Protocol):
     """Paged attention for one layer. Shapes: q ``[T, H, D]``, k/v ``[T, KVH, D]``,
-    kv_cache ``[2, num_blocks, block_size, KVH, D]``; returns ``[T, H, D]``."""
+    kv_cache ``[2, num_blocks, block_size, KVH, D]``; returns ``[T, H, D]``.
+
+    ``reads_pool``: decodes read K/V from the pool in place, so the runner keeps no
+    contiguous copy for them (``decode_kv``) and builds no key mask."""
+
+    reads_pool: bool
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -92,6 +100,8 @@ class TorchSDPABackend:
     it grouped-query attention falls back to slower kernels; on CPU the fused kernel
     handles GQA itself and the copy would only cost time.
     """
+
+    reads_pool = False
 
     def __init__(self, expand_kv: bool = False) -> None:
         self.expand_kv = expand_kv
@@ -185,12 +195,62 @@ def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.matmul(probs, v).view(b, h, d)
 
 
-def get_attention_backend(device: torch.device) -> AttentionBackend:
+class CpuPagedBackend(TorchSDPABackend):
+    """SDPA for prefill chunks; fp32 decodes through the C kernel, which reads each
+    sequence's K/V from the pool through its block table (no gather, no copy, no mask).
+
+    On stop 13's 2-core AVX2 EPYC, a batch-32 decode step's attention over SmolLM2's 30 layers
+    (see ``bench/cpu_decode_attention.py``) ran at about the memory's bandwidth, where the
+    contiguous copy's batched matmuls reached under half of it."""
+
+    reads_pool = True
+
+    def __init__(self, kernel: PagedDecodeKernel) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self._scratch = torch.empty(0)
+
+    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        assert tables is not None and lens is not None
+        if q.dtype != torch.float32 or not kv_cache.is_contiguous():
+            return super()._decode(q, k, v, kv_cache, meta, scale)
+        need = self.kernel.scratch_numel(q.shape[0], q.shape[1], tables.shape[1] * meta.block_size,
+                                         q.shape[2])
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need)
+        # Named for torch.profiler: the ctypes call is invisible to it otherwise.
+        with record_function("slaq::paged_decode_attention"):
+            return self.kernel(q, kv_cache, tables, lens, scale, self._scratch)
+
+
+CPU_DECODE_ATTENTION = ("auto", "paged", "copy")
+
+
+def get_attention_backend(device: torch.device, cpu_decode: str = "auto",
+                          num_heads: int = 1, num_kv_heads: int = 1,
+                          head_dim: int = 64) -> AttentionBackend:
     """The attention backend for a device: the paged Triton kernel on CUDA when triton is
-    importable (it reads K/V from the pool without gather copies), else gather + SDPA."""
+    importable (it reads K/V from the pool without gather copies), else gather + SDPA.
+
+    On CPU, ``cpu_decode`` picks the decode path: ``"paged"`` the C kernel (RuntimeError
+    where it cannot be built or does not take this head layout), ``"copy"`` batched matmuls
+    over a contiguous copy kept by the runner, ``"auto"`` the kernel where it is available."""
+    if cpu_decode not in CPU_DECODE_ATTENTION:
+        raise ValueError(f"cpu_decode must be one of {CPU_DECODE_ATTENTION}, got {cpu_decode!r}")
     if device.type == "cuda":
         from slaq.gpu_workers.engine.paged_attention import TritonPagedBackend, triton_available
 
         if triton_available(device):
             return TritonPagedBackend()
+    elif device.type == "cpu" and cpu_decode != "copy":
+        from slaq.gpu_workers.engine.cpu_kernels import load_paged_decode
+
+        kernel = load_paged_decode()
+        if kernel is not None and kernel.supports(num_heads, num_kv_heads, head_dim):
+            return CpuPagedBackend(kernel)
+        if cpu_decode == "paged":
+            raise RuntimeError("the CPU paged decode kernel is unavailable here (no C "
+                               "compiler, or an unsupported head layout); see the log")
     return TorchSDPABackend(expand_kv=device.type == "cuda")

@@ -135,8 +135,15 @@ class EngineConfig:
     # instructions and a probe shows the mode keeps fp32 accuracy (fp32 in and out, ~2x MKL;
     # see models/cpu_linear); "ieee" keeps MKL sgemm.
     cpu_matmul_precision: str = "bf16"
+    # CPU decode attention: "paged" reads K/V in place from the pool with a C kernel compiled
+    # at first use (fp32; see cpu_kernels), "copy" runs batched matmuls over a contiguous copy
+    # of the batch's K/V (decode_cache), "auto" the kernel where a C compiler builds it.
+    cpu_decode_attention: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.cpu_decode_attention not in ("auto", "paged", "copy"):
+            raise ValueError("cpu_decode_attention must be 'auto', 'paged' or 'copy', "
+                             f"got {self.cpu_decode_attention!r}")
         if self.cpu_matmul_precision not in ("ieee", "bf16"):
             raise ValueError("cpu_matmul_precision must be 'ieee' or 'bf16', "
                              f"got {self.cpu_matmul_precision!r}")

@@ -26,7 +26,6 @@ from slaq.gpu_workers.engine.models import ModelConfig
 from slaq.gpu_workers.engine.models.cpu_linear import (
     bf16_linears,
     pack_linears,
-    packed_row_sizes,
 )
 from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from slaq.gpu_workers.engine.sampler import Sampler, SampleRequest, greedy_argmax
@@ -115,24 +114,27 @@ class ModelRunner:
         self.model = load_model(config.model, self.model_config, self.device, self.dtype)
         self.model.rotary.build(self.max_model_len, self.device, self.dtype)
         # CPU fp32 linears: oneDNN's bf16 math mode where the CPU has it (about 2x MKL at
-        # every row count, so no packing), else decode-sized matmuls without MKL re-packing the
-        # weights on every call (5-10% of a whole CPU benchmark run). See models/cpu_linear.
+        # every row count), else oneDNN with the weights packed once (MKL's F.linear re-packs
+        # them on every call; 1.6x at decode's 32 rows). See models/cpu_linear.
         self.matmul_precision: str | None = None
         if self.device.type == "cpu" and self.dtype == torch.float32:
             if config.cpu_matmul_precision == "bf16" and bf16_linears(self.model):
                 self.matmul_precision = "bf16"
             else:
                 self.matmul_precision = "ieee"
-                pack_linears(self.model, packed_row_sizes(config.scheduler.max_num_seqs))
-        self.backend = get_attention_backend(self.device)
+                pack_linears(self.model)
+        mc = self.model_config
+        self.backend = get_attention_backend(self.device, config.cpu_decode_attention,
+                                             mc.num_heads, mc.num_kv_heads, mc.head_dim)
         self.sampler = Sampler(self.device)
         self.num_blocks = config.cache.num_blocks or self._blocks_from_memory()
         self.kv_cache = allocate_pool(self.kv_shape, self.dtype, self.device, config.kv_shm_name)
-        mc = self.model_config
-        # GPUs read the pool in place (paged kernels); on CPU a persistent copy beats a gather.
+        # Paged kernels read the pool in place; without one, on CPU a persistent copy of the
+        # decode batch's K/V beats a gather.
         self.decode_kv = (DecodeKVCache(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype,
                                         self.device, DECODE_KV_BYTES)
-                          if self.device.type == "cpu" else None)
+                          if self.device.type == "cpu" and not self.backend.reads_pool
+                          else None)
 
     @property
     def kv_shape(self) -> tuple[int, ...]:
@@ -310,6 +312,8 @@ class ModelRunner:
         dkv = self.decode_kv
         if dkv is not None and dkv.plan([s.seq for s in decodes], context_lens):
             meta.decode_kv = dkv
+            return
+        if self.backend.reads_pool:
             return
         key_pos = torch.arange(width * bs, device=self.device)
         meta.decode_mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]

@@ -1,9 +1,11 @@
-"""The CPU decode K/V copy (decode_cache) against the pool-gathering path it replaces."""
+"""The CPU decode K/V copy (decode_cache) against the pool-gathering path it replaces, and
+both against the C paged kernel (cpu_kernels) that reads the pool in place."""
 
 from __future__ import annotations
 
 from itertools import pairwise
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -19,9 +21,14 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
 BS = 4
 
 
-def _runner(path, dense: bool) -> ModelRunner:
-    r = ModelRunner(engine_config(path, num_blocks=160, block_size=BS))
-    if not dense:
+def _runner(path, mode: str) -> ModelRunner:
+    """``"copy"``: the contiguous K/V copy; ``"gather"``: gather from the pool every step;
+    ``"paged"``: the C kernel (skips the test where it cannot be built)."""
+    r = ModelRunner(engine_config(path, num_blocks=160, block_size=BS,
+                                  cpu_decode_attention="auto" if mode == "paged" else "copy"))
+    if mode == "paged" and not r.backend.reads_pool:
+        pytest.skip("the CPU paged decode kernel is unavailable here (no C compiler)")
+    if mode == "gather":
         r.decode_kv = None
     return r
 
@@ -55,14 +62,23 @@ def _staggered(runner: ModelRunner, prompts: list[list[int]], num_tokens: int) -
 
 
 def test_dense_decode_equals_gather_path(tiny_model_path, tiny_prompts):
-    dense = _runner(tiny_model_path, dense=True)
-    gather = _runner(tiny_model_path, dense=False)
+    dense = _runner(tiny_model_path, "copy")
+    gather = _runner(tiny_model_path, "gather")
     assert dense.decode_kv is not None
     ours = _staggered(dense, tiny_prompts, 12)
     assert ours == _staggered(gather, tiny_prompts, 12)
     # Most steps continued the same batch; only membership changes rebuilt it.
     assert 0 < dense.decode_kv.num_rebuilds < 12 + len(tiny_prompts)
     assert dense.decode_kv.num_extends > 0  # joins gathered only the newcomers
+
+
+def test_paged_kernel_decodes_like_the_copy(tiny_model_path, tiny_prompts):
+    """Joins, leaves, a recompute and scattered, reversed block tables: the kernel reading
+    the pool in place gives the copy's tokens."""
+    paged = _runner(tiny_model_path, "paged")
+    assert paged.decode_kv is None  # nothing kept beside the pool
+    assert _staggered(paged, tiny_prompts, 12) == _staggered(_runner(tiny_model_path, "copy"),
+                                                             tiny_prompts, 12)
 
 
 def test_appends_match_a_fresh_gather():

@@ -1,0 +1,202 @@
+/* Paged decode attention for CPU (fp32), compiled at first use by cpu_kernels/__init__.py.
+ *
+ * One query token per sequence attends to that sequence's keys and values where they lie in
+ * the paged pool, found through its block table: nothing is gathered or copied first. A work
+ * item is one (sequence, K/V head) pair with the query heads of its group; it reads each of
+ * its keys and values exactly once (a head's 64 floats are whole cache lines of the pool's
+ * [block, offset, kv_head, dim] rows), so the kernel moves the context's bytes once per
+ * step, at the memory's bandwidth, and reads each row only up to its own length.
+ *
+ * Plain C that GCC vectorizes at -O3 (the exponential is a polynomial, not a libm call, so
+ * the softmax loop vectorizes without -ffast-math, which would change the whole process's
+ * floating-point mode); OpenMP splits the work items across torch's own threads.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#define MAX_HEADS 256
+
+/* e^x for x <= 0, accurate to about 2 ulp: x = n ln2 + r, e^r by a degree-6 polynomial,
+ * 2^n through the exponent bits. Inputs below -87 give 0 (the float minimum's region). */
+static inline float exp_neg(float x) {
+    if (x < -87.0f) x = -87.0f;
+    const float log2e = 1.44269504088896341f;
+    const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    float n = floorf(x * log2e + 0.5f);
+    float r = x - n * ln2_hi - n * ln2_lo;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { float f; int32_t i; } scale;
+    scale.i = ((int32_t)n + 127) << 23;
+    return p * scale.f;
+}
+
+/* Scores of `count` keys (rows `stride` floats apart from `k`) against the group's scaled
+ * queries, into out[g * out_stride + i]. */
+static void block_scores(const float *k, int64_t stride, int64_t count,
+                         const float *qs, int64_t group, int64_t head_dim,
+                         float *out, int64_t out_stride) {
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    /* Eight keys at a time, eight independent FMA chains, then one transposing reduction for
+     * the eight sums (instead of a horizontal sum per key). */
+    if (head_dim % 8 == 0) {
+        for (; i + 8 <= count; i += 8) {
+            for (int64_t g = 0; g < group; g++) {
+                __m256 acc[8];
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+                for (int64_t d = 0; d < head_dim; d += 8) {
+                    const __m256 qv = _mm256_loadu_ps(qs + g * head_dim + d);
+                    for (int j = 0; j < 8; j++)
+                        acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (i + j) * stride + d),
+                                                 acc[j]);
+                }
+                const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]);
+                const __m256 h23 = _mm256_hadd_ps(acc[2], acc[3]);
+                const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]);
+                const __m256 h67 = _mm256_hadd_ps(acc[6], acc[7]);
+                const __m256 h0123 = _mm256_hadd_ps(h01, h23);
+                const __m256 h4567 = _mm256_hadd_ps(h45, h67);
+                const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
+                                                  _mm256_permute2f128_ps(h0123, h4567, 0x31));
+                _mm256_storeu_ps(out + g * out_stride + i, sums);
+            }
+        }
+    }
+#endif
+    for (; i < count; i++) {
+        const float *row = k + i * stride;
+        for (int64_t g = 0; g < group; g++) {
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t d = 0; d < head_dim; d++) acc += qs[g * head_dim + d] * row[d];
+            out[g * out_stride + i] = acc;
+        }
+    }
+}
+
+/* acc[g * head_dim + d] += sum over the `count` values (rows `stride` floats apart from `v`)
+ * of w[g * w_stride + i] * v_i[d]. */
+static void block_values(const float *v, int64_t stride, int64_t count, const float *w,
+                         int64_t w_stride, int64_t group, int64_t head_dim, float *acc) {
+#if defined(__AVX2__) && defined(__FMA__)
+    /* Accumulators stay in registers over the block: up to four heads per pass over one
+     * eight-float slice of the values. */
+    if (head_dim % 8 == 0) {
+        for (int64_t g0 = 0; g0 < group; g0 += 4) {
+            const int64_t gn = group - g0 < 4 ? group - g0 : 4;
+            for (int64_t d = 0; d < head_dim; d += 8) {
+                __m256 a[4];
+                for (int k = 0; k < 4; k++)
+                    a[k] = k < gn ? _mm256_loadu_ps(acc + (g0 + k) * head_dim + d)
+                                  : _mm256_setzero_ps();
+                for (int64_t i = 0; i < count; i++) {
+                    const __m256 vv = _mm256_loadu_ps(v + i * stride + d);
+                    for (int k = 0; k < 4; k++)
+                        if (k < gn)
+                            a[k] = _mm256_fmadd_ps(
+                                _mm256_broadcast_ss(w + (g0 + k) * w_stride + i), vv, a[k]);
+                }
+                for (int k = 0; k < 4; k++)
+                    if (k < gn) _mm256_storeu_ps(acc + (g0 + k) * head_dim + d, a[k]);
+            }
+        }
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < count; i++) {
+        const float *row = v + i * stride;
+        for (int64_t g = 0; g < group; g++) {
+            const float wi = w[g * w_stride + i];
+            float *a = acc + g * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; d++) a[d] += wi * row[d];
+        }
+    }
+}
+
+/* q [B, H, D], kv [2, num_blocks, block_size, KVH, D] (one layer), block_tables [B, max_blocks],
+ * context_lens [B], out [B, H, D], scratch [B, H, max_context + 2 * D] floats.
+ * Returns 0, or -1 when a shape is outside what the kernel handles. */
+int paged_decode_attention(const float *q, const float *kv, const int64_t *block_tables,
+                           const int64_t *context_lens, float *out, float *scratch,
+                           int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                           int64_t head_dim, int64_t block_size, int64_t num_blocks,
+                           int64_t max_blocks, int64_t max_context, float scale) {
+    if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0) return -1;
+    const int64_t group = num_heads / num_kv_heads;
+    if (num_heads > MAX_HEADS) return -1;
+    const int64_t token_stride = num_kv_heads * head_dim;  /* one token's row in a block */
+    const int64_t block_stride = block_size * token_stride;
+    const int64_t plane = num_blocks * block_stride;  /* K to V */
+    const int64_t per_seq = num_heads * (max_context + 2 * head_dim);
+    int status = 0;
+
+    /* One sequence per work item: its blocks are read whole (every K/V head), in order. */
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t b = 0; b < num_seqs; b++) {
+        const int64_t n = context_lens[b];
+        if (n < 1 || n > max_context || (n + block_size - 1) / block_size > max_blocks) {
+#pragma omp atomic write
+            status = -1;
+            continue;
+        }
+        const int64_t *table = block_tables + b * max_blocks;
+        const int64_t num_row_blocks = (n + block_size - 1) / block_size;
+        float *scores = scratch + b * per_seq;  /* [H, max_context] */
+        float *qbuf = scores + num_heads * max_context;  /* [H, D]: scaled queries */
+        float *acc = qbuf + num_heads * head_dim;  /* [H, D]: weighted values */
+        for (int64_t x = 0; x < num_heads * head_dim; x++) {
+            qbuf[x] = q[b * num_heads * head_dim + x] * scale;
+            acc[x] = 0.0f;
+        }
+
+        for (int64_t j = 0; j < num_row_blocks; j++) {
+            const int64_t t0 = j * block_size;
+            const int64_t count = n - t0 < block_size ? n - t0 : block_size;
+            const float *kb = kv + table[j] * block_stride;
+            for (int64_t h = 0; h < num_kv_heads; h++)
+                block_scores(kb + h * head_dim, token_stride, count,
+                             qbuf + h * group * head_dim, group, head_dim,
+                             scores + h * group * max_context + t0, max_context);
+        }
+        /* Softmax weights, unnormalised; the sum divides the output once. */
+        float inv_sum[MAX_HEADS];
+        for (int64_t x = 0; x < num_heads; x++) {
+            float *s = scores + x * max_context;
+            float m = -INFINITY;
+            for (int64_t t = 0; t < n; t++) m = s[t] > m ? s[t] : m;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t t = 0; t < n; t++) {
+                s[t] = exp_neg(s[t] - m);
+                sum += s[t];
+            }
+            inv_sum[x] = 1.0f / sum;
+        }
+        /* Weighted sum of the values. */
+        for (int64_t j = 0; j < num_row_blocks; j++) {
+            const int64_t t0 = j * block_size;
+            const int64_t count = n - t0 < block_size ? n - t0 : block_size;
+            const float *vb = kv + plane + table[j] * block_stride;
+            for (int64_t h = 0; h < num_kv_heads; h++)
+                block_values(vb + h * head_dim, token_stride, count,
+                             scores + h * group * max_context + t0, max_context, group,
+                             head_dim, acc + h * group * head_dim);
+        }
+        float *o = out + b * num_heads * head_dim;
+        for (int64_t x = 0; x < num_heads; x++)
+            for (int64_t d = 0; d < head_dim; d++)
+                o[x * head_dim + d] = acc[x * head_dim + d] * inv_sum[x];
+    }
+    return status;
+}

@@ -1,0 +1,171 @@
+"""The C paged decode kernel (cpu_kernels) against attention computed in fp64 from gathered
+blocks, its build cache, and the backend choice around it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slaq.gpu_workers.engine.attention import (
+    AttentionMetadata,
+    CpuPagedBackend,
+    TorchSDPABackend,
+    get_attention_backend,
+)
+from slaq.gpu_workers.engine.cpu_kernels import (
+    PagedDecodeKernel,
+    compile_shared,
+    load_paged_decode,
+)
+
+KERNEL = load_paged_decode()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel not built")
+
+
+def _reference(q, pool, tables, lens, scale):
+    """Each sequence's keys/values gathered by its block table, softmax in fp64."""
+    bs = pool.shape[2]
+    kvh = pool.shape[3]
+    out = []
+    for b in range(q.shape[0]):
+        n = int(lens[b])
+        kv = pool[:, tables[b]].flatten(1, 2)[:, :n].double()  # [2, n, KVH, D]
+        k = kv[0].repeat_interleave(q.shape[1] // kvh, dim=1)  # [n, H, D]
+        v = kv[1].repeat_interleave(q.shape[1] // kvh, dim=1)
+        w = torch.softmax(torch.einsum("hd,nhd->hn", q[b].double() * scale, k), dim=-1)
+        out.append(torch.einsum("hn,nhd->hd", w, v))
+        assert tables.shape[1] * bs >= n
+    return torch.stack(out).float()
+
+
+def _case(num_seqs, heads, kv_heads, head_dim, block_size, lens, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-n // block_size) for n in lens)
+    num_blocks = num_seqs * max_blocks + 3
+    pool = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    # Every sequence gets distinct blocks in a scattered order; padding entries point at 0.
+    perm = torch.randperm(num_blocks, generator=gen)[:num_seqs * max_blocks]
+    tables = perm.view(num_seqs, max_blocks).clone()
+    for b, n in enumerate(lens):
+        tables[b, -(-n // block_size):] = 0
+    q = torch.randn(num_seqs, heads, head_dim, generator=gen)
+    return q, pool, tables, torch.tensor(lens)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size", "lens"), [
+    (9, 3, 64, 16, [1, 15, 16, 17, 200, 333]),  # SmolLM2's layout; block edges; long rows
+    (4, 4, 64, 4, [7, 1, 9]),  # no grouping
+    (8, 2, 48, 8, [23, 64, 3]),  # 4 heads per K/V head; a head size of six AVX slices
+    (6, 3, 20, 5, [11, 2, 30, 31]),  # a head size the vector paths do not take
+    (32, 8, 64, 16, [513]),  # Llama-3.2-1B's layout, one sequence
+])
+def test_kernel_matches_fp64_attention(heads, kv_heads, head_dim, block_size, lens):
+    q, pool, tables, ctx = _case(len(lens), heads, kv_heads, head_dim, block_size, lens)
+    got = KERNEL(q, pool, tables, ctx, 0.125)
+    want = _reference(q, pool, tables, ctx, 0.125)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+@needs_kernel
+def test_large_scores_do_not_overflow():
+    """Scores in the hundreds: the softmax subtracts each row's maximum first."""
+    q, pool, tables, ctx = _case(2, 2, 1, 16, 4, [9, 30])
+    got = KERNEL(q * 40, pool, tables, ctx, 1.0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, _reference(q * 40, pool, tables, ctx, 1.0),
+                               rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_a_context_outside_its_block_table_is_refused():
+    q, pool, tables, ctx = _case(2, 2, 1, 16, 4, [5, 8])
+    with pytest.raises(ValueError, match="outside its block table"):
+        KERNEL(q, pool, tables, torch.tensor([5, 9]), 1.0)  # 9 tokens need 3 blocks of 4
+    with pytest.raises(ValueError):
+        KERNEL(q, pool, tables, torch.tensor([0, 8]), 1.0)
+
+
+@needs_kernel
+def test_the_backend_decodes_like_sdpa():
+    """The paged backend's decodes equal the portable backend's masked SDPA over the
+    gathered blocks. (Steps mixing prefill chunks and decodes run in test_decode_cache.)"""
+    q, pool, tables, ctx = _case(3, 4, 2, 32, 4, [6, 13, 4])
+    scale = 32 ** -0.5
+    meta = AttentionMetadata(block_size=4, slot_mapping=torch.zeros(0, dtype=torch.long),
+                             prefills=[], num_prefill_tokens=0, decode_block_tables=tables,
+                             decode_context_lens=ctx)
+    empty = torch.zeros(0, 2, 32)
+    paged = CpuPagedBackend(KERNEL).forward(q, empty, empty, pool, meta, scale)
+    portable = TorchSDPABackend().forward(q, empty, empty, pool, meta, scale)
+    torch.testing.assert_close(paged, portable, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_choice():
+    cpu = torch.device("cpu")
+    assert type(get_attention_backend(cpu, "copy", 9, 3, 64)) is TorchSDPABackend
+    with pytest.raises(ValueError, match="cpu_decode"):
+        get_attention_backend(cpu, "fast", 9, 3, 64)
+    auto = get_attention_backend(cpu, "auto", 9, 3, 64)
+    if KERNEL is None:
+        assert type(auto) is TorchSDPABackend
+        with pytest.raises(RuntimeError):
+            get_attention_backend(cpu, "paged", 9, 3, 64)
+    else:
+        assert isinstance(auto, CpuPagedBackend) and auto.reads_pool
+        assert isinstance(get_attention_backend(cpu, "paged", 9, 3, 64), CpuPagedBackend)
+        assert not PagedDecodeKernel.supports(9, 4, 64)  # heads not a multiple of KV heads
+        with pytest.raises(RuntimeError):
+            get_attention_backend(cpu, "paged", 9, 4, 64)
+
+
+@needs_kernel
+def test_builds_are_cached_and_failures_are_clear(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLAQ_KERNEL_CACHE", str(tmp_path))
+    src = tmp_path / "add_one.c"
+    src.write_text("int add_one(int x) { return x + 1; }\n")
+    first = compile_shared(src)
+    stamp = first.stat().st_mtime_ns
+    assert compile_shared(src) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    src.write_text("int add_one(int x) { return x + 2; }\n")
+    assert compile_shared(src) != first  # the source is part of the key
+    src.write_text("int add_one(int x) { return x + ; }\n")
+    with pytest.raises(RuntimeError, match="failed on add_one.c"):
+        compile_shared(src)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".c", ".so", ".so"]  # no debris
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises((RuntimeError, OSError)):
+        compile_shared(src)
+
+
+def test_importing_slaq_first_puts_large_tensors_on_huge_pages():
+    """slaq sets THP_MEM_ALLOC_ENABLE before torch allocates: a large tensor's pages are
+    huge-page eligible where the kernel's THP setting allows it ("madvise" or "always")."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages on this kernel")
+    probe = (
+        "import slaq, torch\n"
+        "t = torch.ones(64 << 20, dtype=torch.uint8)\n"
+        "p, inside = t.data_ptr(), False\n"
+        "for line in open('/proc/self/smaps'):\n"
+        "    f = line.split()\n"
+        "    if '-' in f[0] and ':' not in f[0]:\n"
+        "        a, b = (int(x, 16) for x in f[0].split('-'))\n"
+        "        inside = a <= p < b\n"
+        "    elif inside and f[0] == 'THPeligible:':\n"
+        "        print(f[1])\n")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=env, check=True).stdout.split()
+    assert out == ["1"]
+    if "[madvise]" in thp.read_text():  # under "always" every large mapping is eligible
+        env["THP_MEM_ALLOC_ENABLE"] = "0"  # the opt-out is honoured
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             env=env, check=True).stdout.split()
+        assert out == ["0"]
