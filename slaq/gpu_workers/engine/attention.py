@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
+from slaq.gpu_workers.engine.config import CPU_DECODE_ATTENTION
 from slaq.gpu_workers.engine.kv_pool import gather_blocks
 
 if TYPE_CHECKING:
@@ -199,9 +200,9 @@ class CpuPagedBackend(TorchSDPABackend):
     """SDPA for prefill chunks; fp32 decodes through the C kernel, which reads each
     sequence's K/V from the pool through its block table (no gather, no copy, no mask).
 
-    On stop 13's 2-core AVX2 EPYC, a batch-32 decode step's attention over SmolLM2's 30 layers
-    (see ``bench/cpu_decode_attention.py``) ran at about the memory's bandwidth, where the
-    contiguous copy's batched matmuls reached under half of it."""
+    A step reads each running sequence's K/V once, up to its own length, with nothing to
+    maintain between steps; ``bench/cpu_engine_vs_hf.py --with-copy`` measures it against
+    the contiguous copy in the same rounds."""
 
     reads_pool = True
 
@@ -219,24 +220,22 @@ class CpuPagedBackend(TorchSDPABackend):
         need = self.kernel.scratch_numel(q.shape[0], q.shape[1], tables.shape[1] * meta.block_size,
                                          q.shape[2])
         if self._scratch.numel() < need:
-            self._scratch = torch.empty(need)
+            self._scratch = torch.empty(need, dtype=torch.float32)
         # Named for torch.profiler: the ctypes call is invisible to it otherwise.
         with record_function("slaq::paged_decode_attention"):
             return self.kernel(q, kv_cache, tables, lens, scale, self._scratch)
 
 
-CPU_DECODE_ATTENTION = ("auto", "paged", "copy")
-
-
 def get_attention_backend(device: torch.device, cpu_decode: str = "auto",
-                          num_heads: int = 1, num_kv_heads: int = 1,
-                          head_dim: int = 64) -> AttentionBackend:
+                          num_heads: int = 1, num_kv_heads: int = 1, head_dim: int = 64,
+                          dtype: torch.dtype = torch.float32) -> AttentionBackend:
     """The attention backend for a device: the paged Triton kernel on CUDA when triton is
     importable (it reads K/V from the pool without gather copies), else gather + SDPA.
 
-    On CPU, ``cpu_decode`` picks the decode path: ``"paged"`` the C kernel (RuntimeError
-    where it cannot be built or does not take this head layout), ``"copy"`` batched matmuls
-    over a contiguous copy kept by the runner, ``"auto"`` the kernel where it is available."""
+    On CPU, ``cpu_decode`` picks the decode path for fp32: ``"paged"`` the C kernel
+    (RuntimeError where it cannot be built, or for another dtype or a head layout it does
+    not take), ``"copy"`` batched matmuls over a contiguous copy kept by the runner,
+    ``"auto"`` the kernel where it applies, else the copy."""
     if cpu_decode not in CPU_DECODE_ATTENTION:
         raise ValueError(f"cpu_decode must be one of {CPU_DECODE_ATTENTION}, got {cpu_decode!r}")
     if device.type == "cuda":
@@ -245,12 +244,16 @@ def get_attention_backend(device: torch.device, cpu_decode: str = "auto",
         if triton_available(device):
             return TritonPagedBackend()
     elif device.type == "cpu" and cpu_decode != "copy":
-        from slaq.gpu_workers.engine.cpu_kernels import load_paged_decode
+        from slaq.gpu_workers.engine.cpu_kernels import PagedDecodeKernel, load_paged_decode
 
-        kernel = load_paged_decode()
-        if kernel is not None and kernel.supports(num_heads, num_kv_heads, head_dim):
+        why = ("it takes fp32 only" if dtype != torch.float32
+               else "it does not take this head layout"
+               if not PagedDecodeKernel.supports(num_heads, num_kv_heads, head_dim)
+               else None)
+        kernel = load_paged_decode() if why is None else None
+        if kernel is not None:
             return CpuPagedBackend(kernel)
         if cpu_decode == "paged":
-            raise RuntimeError("the CPU paged decode kernel is unavailable here (no C "
-                               "compiler, or an unsupported head layout); see the log")
+            raise RuntimeError("the CPU paged decode kernel cannot run here: "
+                               + (why or "it could not be built (see the log)"))
     return TorchSDPABackend(expand_kv=device.type == "cuda")

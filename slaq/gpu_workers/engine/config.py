@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# EngineConfig.cpu_decode_attention's values (see attention.get_attention_backend).
+CPU_DECODE_ATTENTION = ("auto", "paged", "copy")
+
 MAX_STOP_STRINGS = 4
 
 
@@ -133,7 +136,7 @@ class EngineConfig:
     fuse_layer_ops: bool = True
     # CPU fp32: "bf16" runs matmuls in oneDNN's bf16 math mode where the CPU has bf16
     # instructions and a probe shows the mode keeps fp32 accuracy (fp32 in and out, ~2x MKL;
-    # see models/cpu_linear); "ieee" keeps MKL sgemm.
+    # see models/cpu_linear); "ieee" keeps strict fp32 (oneDNN with prepacked weights).
     cpu_matmul_precision: str = "bf16"
     # CPU decode attention: "paged" reads K/V in place from the pool with a C kernel compiled
     # at first use (fp32; see cpu_kernels), "copy" runs batched matmuls over a contiguous copy
@@ -141,8 +144,8 @@ class EngineConfig:
     cpu_decode_attention: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.cpu_decode_attention not in ("auto", "paged", "copy"):
-            raise ValueError("cpu_decode_attention must be 'auto', 'paged' or 'copy', "
+        if self.cpu_decode_attention not in CPU_DECODE_ATTENTION:
+            raise ValueError(f"cpu_decode_attention must be one of {CPU_DECODE_ATTENTION}, "
                              f"got {self.cpu_decode_attention!r}")
         if self.cpu_matmul_precision not in ("ieee", "bf16"):
             raise ValueError("cpu_matmul_precision must be 'ieee' or 'bf16', "

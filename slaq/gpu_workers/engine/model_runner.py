@@ -125,7 +125,8 @@ class ModelRunner:
                 pack_linears(self.model)
         mc = self.model_config
         self.backend = get_attention_backend(self.device, config.cpu_decode_attention,
-                                             mc.num_heads, mc.num_kv_heads, mc.head_dim)
+                                             mc.num_heads, mc.num_kv_heads, mc.head_dim,
+                                             self.dtype)
         self.sampler = Sampler(self.device)
         self.num_blocks = config.cache.num_blocks or self._blocks_from_memory()
         self.kv_cache = allocate_pool(self.kv_shape, self.dtype, self.device, config.kv_shm_name)
@@ -303,7 +304,7 @@ class ModelRunner:
         context_lens = [s.start + 1 for s in decodes]
         num_blocks = [-(-c // bs) for c in context_lens]
         width = max(num_blocks)
-        # Padding entries point at block 0; the mask hides them.
+        # Padding entries point at block 0; the mask (or the kernel's lengths) hides them.
         tables = [s.seq.block_table[:n] + [0] * (width - n)
                   for s, n in zip(decodes, num_blocks, strict=True)]
         lens = torch.tensor(context_lens, device=self.device)

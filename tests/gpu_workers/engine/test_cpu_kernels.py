@@ -83,12 +83,28 @@ def test_large_scores_do_not_overflow():
 
 
 @needs_kernel
-def test_a_context_outside_its_block_table_is_refused():
-    q, pool, tables, ctx = _case(2, 2, 1, 16, 4, [5, 8])
+def test_what_would_read_outside_the_pool_is_refused():
+    q, pool, tables, ctx = _case(2, 2, 1, 16, 4, [5, 12])
     with pytest.raises(ValueError, match="outside its block table"):
-        KERNEL(q, pool, tables, torch.tensor([5, 9]), 1.0)  # 9 tokens need 3 blocks of 4
+        KERNEL(q, pool, tables, torch.tensor([5, 13]), 1.0)  # 13 tokens need 4 blocks of 4
     with pytest.raises(ValueError):
-        KERNEL(q, pool, tables, torch.tensor([0, 8]), 1.0)
+        KERNEL(q, pool, tables, torch.tensor([0, 12]), 1.0)
+    for bad_id in (-1, pool.shape[1]):  # a block id outside the pool, in a used entry
+        bad = tables.clone()
+        bad[1, 1] = bad_id
+        with pytest.raises(ValueError, match="block id"):
+            KERNEL(q, pool, bad, ctx, 1.0)
+    bad = tables.clone()
+    bad[0, 2] = -1  # past row 0's two used blocks: padding, never read
+    torch.testing.assert_close(KERNEL(q, pool, bad, ctx, 1.0), KERNEL(q, pool, tables, ctx, 1.0))
+    with pytest.raises(ValueError, match="fp32"):
+        KERNEL(q.double(), pool, tables, ctx, 1.0)
+    with pytest.raises(ValueError, match="int64"):
+        KERNEL(q, pool, tables.int(), ctx, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        KERNEL(q, pool.transpose(1, 2).contiguous().transpose(1, 2), tables, ctx, 1.0)
+    with pytest.raises(ValueError, match="shapes"):
+        KERNEL(q, pool, tables[:1], ctx, 1.0)
 
 
 @needs_kernel
@@ -109,6 +125,10 @@ def test_the_backend_decodes_like_sdpa():
 def test_backend_choice():
     cpu = torch.device("cpu")
     assert type(get_attention_backend(cpu, "copy", 9, 3, 64)) is TorchSDPABackend
+    # The kernel is fp32 only: other dtypes keep the copy, and asking for it is an error.
+    assert type(get_attention_backend(cpu, "auto", 9, 3, 64, torch.bfloat16)) is TorchSDPABackend
+    with pytest.raises(RuntimeError, match="fp32"):
+        get_attention_backend(cpu, "paged", 9, 3, 64, torch.bfloat16)
     with pytest.raises(ValueError, match="cpu_decode"):
         get_attention_backend(cpu, "fast", 9, 3, 64)
     auto = get_attention_backend(cpu, "auto", 9, 3, 64)
@@ -137,10 +157,24 @@ def test_builds_are_cached_and_failures_are_clear(tmp_path, monkeypatch):
     src.write_text("int add_one(int x) { return x + ; }\n")
     with pytest.raises(RuntimeError, match="failed on add_one.c"):
         compile_shared(src)
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".c", ".so", ".so"]  # no debris
+    # Two builds and the source: no temporary files left behind.
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".c", ".so", ".so"]
+    assert first.stat().st_mode & 0o777 == 0o755  # usable from a cache shared by users
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    with pytest.raises((RuntimeError, OSError)):
+    with pytest.raises(RuntimeError, match="cannot build add_one.c"):
         compile_shared(src)
+    monkeypatch.setenv("CC", "env gcc")  # CC is split as a shell would
+    src.write_text("int add_one(int x) { return x + 3; }\n")
+    assert compile_shared(src).exists()
+
+
+def test_every_backend_says_whether_it_reads_the_pool():
+    """The runner asks every backend (keeps a K/V copy and a mask only for those that do
+    not read the pool): a class without the attribute would fail at its first decode."""
+    from slaq.gpu_workers.engine.paged_attention import TritonPagedBackend
+
+    assert TritonPagedBackend.reads_pool and CpuPagedBackend.reads_pool
+    assert not TorchSDPABackend.reads_pool
 
 
 def test_importing_slaq_first_puts_large_tensors_on_huge_pages():

@@ -10,8 +10,10 @@ Why at first use: ``-march=native`` fits the kernel to the CPU it runs on, and a
 takes under a second. The shared object is cached under ``SLAQ_KERNEL_CACHE`` (default
 ``~/.cache/slaq/kernels``), keyed by the source, the flags, the compiler and the CPU. Where no
 compiler works, :func:`load_paged_decode` returns None and the caller keeps its torch path.
-The kernel links OpenMP; torch has already loaded its ``libgomp.so.1``, so the kernel runs on
-torch's threads and honours ``torch.set_num_threads``.
+The kernel links OpenMP. Where torch's own OpenMP runtime is GNU's ``libgomp.so.1`` (the
+pip wheels for Linux), the loader finds it already in the process, so the kernel runs on
+torch's threads and honours ``torch.set_num_threads``; a torch built on another runtime
+would leave the kernel a second thread pool of the system's default size.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -52,37 +55,52 @@ def _cpu_signature() -> str:
     return platform.machine() + "\n" + "\n".join(keep)
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+# A compile takes well under a second; anything near this is a stuck toolchain.
+COMPILE_TIMEOUT_S = 120
+
+
+def _compiler() -> list[str] | None:
+    """The compiler command: ``CC`` as a shell would split it (``ccache gcc``), else cc/gcc."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
 
 
 def compile_shared(source: Path, flags: tuple[str, ...] = FLAGS) -> Path:
     """Compile ``source`` into a cached shared object and return its path.
 
-    Raises RuntimeError when there is no compiler or it fails. Concurrent callers are safe:
-    each compiles into a temporary file and renames it into place."""
+    Raises RuntimeError when there is no compiler, it fails or hangs, or the cache directory
+    is not writable. Concurrent callers are safe: each compiles into a temporary file and
+    renames it into place."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
-                             check=False).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version,
-                                    _cpu_signature()]).encode()).hexdigest()[:16]
-    out = kernel_cache_dir() / f"{source.stem}-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, "-o", tmp, str(source), "-lm"],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {source.name}: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True,
+                                 check=False, timeout=COMPILE_TIMEOUT_S).stdout
+        key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version,
+                                        _cpu_signature()]).encode()).hexdigest()[:16]
+        out = kernel_cache_dir() / f"{source.stem}-{key}.so"
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
+        os.close(fd)
+        try:
+            proc = subprocess.run([*cc, *flags, "-o", tmp, str(source), "-lm"],
+                                  capture_output=True, text=True, check=False,
+                                  timeout=COMPILE_TIMEOUT_S)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{shlex.join(cc)} failed on {source.name}: "
+                                   f"{proc.stderr.strip()[-2000:]}")
+            os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide it from a shared cache's users
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"cannot build {source.name} with {shlex.join(cc)}: {exc}") from exc
     return out
 
 
@@ -101,18 +119,29 @@ class PagedDecodeKernel:
         """q ``[B, H, D]``, kv_cache ``[2, num_blocks, block_size, KVH, D]``, block_tables
         ``[B, max_blocks]`` and context_lens ``[B]`` (long); returns ``[B, H, D]``.
         ``scratch``: a float buffer to reuse, of at least :meth:`scratch_numel` elements."""
-        assert q.dtype == kv_cache.dtype == torch.float32 and q.device.type == "cpu"
-        assert block_tables.dtype == context_lens.dtype == torch.long
-        assert kv_cache.is_contiguous(), "the kernel reads the pool in place"
+        # Raised, not asserted: the C side trusts these shapes with raw pointers.
+        tensors = (q, kv_cache, block_tables, context_lens)
+        if any(t.device.type != "cpu" for t in tensors):
+            raise ValueError("the paged decode kernel runs on CPU tensors")
+        if q.dtype != torch.float32 or kv_cache.dtype != torch.float32:
+            raise ValueError("the paged decode kernel takes fp32 queries and pools")
+        if block_tables.dtype != torch.long or context_lens.dtype != torch.long:
+            raise ValueError("block tables and context lengths must be int64")
+        if not kv_cache.is_contiguous():
+            raise ValueError("the pool must be contiguous: the kernel reads it in place")
         q = q.contiguous()
         block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
         num_seqs, num_heads, head_dim = q.shape
         _, num_blocks, block_size, num_kv_heads, kv_dim = kv_cache.shape
-        assert kv_dim == head_dim and block_tables.shape[0] == context_lens.shape[0] == num_seqs
+        if kv_dim != head_dim or not (block_tables.dim() == 2 and block_tables.shape[0]
+                                      == context_lens.shape[0] == num_seqs):
+            raise ValueError(f"shapes do not agree: q {tuple(q.shape)}, pool "
+                             f"{tuple(kv_cache.shape)}, block tables "
+                             f"{tuple(block_tables.shape)}, lengths {tuple(context_lens.shape)}")
         max_blocks = block_tables.shape[1]
         max_context = max_blocks * block_size
         need = self.scratch_numel(num_seqs, num_heads, max_context, head_dim)
-        if scratch is None or scratch.numel() < need:
+        if scratch is None or scratch.numel() < need or scratch.dtype != torch.float32:
             scratch = torch.empty(need, dtype=torch.float32)
         out = torch.empty_like(q)
         rc = self._fn(q.data_ptr(), kv_cache.data_ptr(), block_tables.data_ptr(),
@@ -120,8 +149,8 @@ class PagedDecodeKernel:
                       num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks,
                       max_blocks, max_context, scale)
         if rc != 0:
-            raise ValueError("paged decode attention: a context length is outside its block "
-                             "table, or the head layout is unsupported")
+            raise ValueError("paged decode attention: a context length or block id is outside "
+                             "its block table or the pool, or the head layout is unsupported")
         return out
 
     @staticmethod

@@ -22,8 +22,9 @@
 
 #define MAX_HEADS 256
 
-/* e^x for x <= 0, accurate to about 2 ulp: x = n ln2 + r, e^r by a degree-6 polynomial,
- * 2^n through the exponent bits. Inputs below -87 give 0 (the float minimum's region). */
+/* e^x for x <= 0, within 1 ulp of expf over [-87, 0]: x = n ln2 + r, e^r by a degree-6
+ * polynomial, 2^n through the exponent bits. Inputs below -87 (and -inf) give e^-87, about
+ * 1.6e-38: still a normal float, and nothing beside the row's maximum (which gives 1). */
 static inline float exp_neg(float x) {
     if (x < -87.0f) x = -87.0f;
     const float log2e = 1.44269504088896341f;
@@ -190,7 +191,8 @@ static void block_values(const float *v, int64_t stride, int64_t count, const fl
 
 /* q [B, H, D], kv [2, num_blocks, block_size, KVH, D] (one layer), block_tables [B, max_blocks],
  * context_lens [B], out [B, H, D], scratch [B, H, max_context + 2 * D] floats.
- * Returns 0, or -1 when a shape is outside what the kernel handles. */
+ * Returns 0, or -1 when a shape is outside what the kernel handles or a row's context or
+ * block ids fall outside its table or the pool (that row's output is then not written). */
 int paged_decode_attention(const float *q, const float *kv, const int64_t *block_tables,
                            const int64_t *context_lens, float *out, float *scratch,
                            int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
@@ -216,6 +218,14 @@ int paged_decode_attention(const float *q, const float *kv, const int64_t *block
         }
         const int64_t *table = block_tables + b * max_blocks;
         const int64_t num_row_blocks = (n + block_size - 1) / block_size;
+        int bad_block = 0;
+        for (int64_t j = 0; j < num_row_blocks; j++)
+            bad_block |= table[j] < 0 || table[j] >= num_blocks;
+        if (bad_block) {
+#pragma omp atomic write
+            status = -1;
+            continue;
+        }
         float *scores = scratch + b * per_seq;  /* [H, max_context] */
         float *qbuf = scores + num_heads * max_context;  /* [H, D]: scaled queries */
         float *acc = qbuf + num_heads * head_dim;  /* [H, D]: weighted values */

@@ -40,6 +40,8 @@ class TritonPagedBackend:
     takes them).
     """
 
+    reads_pool = True
+
     def __init__(self, max_context: int | None = None) -> None:
         self.max_context = max_context
         self._portable = TorchSDPABackend(expand_kv=True)
