@@ -140,7 +140,8 @@ class EngineConfig:
     cpu_matmul_precision: str = "bf16"
     # CPU decode attention: "paged" reads K/V in place from the pool with a C kernel compiled
     # at first use (fp32; see cpu_kernels), "copy" runs batched matmuls over a contiguous copy
-    # of the batch's K/V (decode_cache), "auto" the kernel where a C compiler builds it.
+    # of the batch's K/V (decode_cache), "auto" the kernel where it applies (fp32, a head
+    # layout it takes, a C compiler that builds it), else the copy.
     cpu_decode_attention: str = "auto"
 
     def __post_init__(self) -> None:

@@ -61,7 +61,9 @@ def _case(num_seqs, heads, kv_heads, head_dim, block_size, lens, seed=0):
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size", "lens"), [
     (9, 3, 64, 16, [1, 15, 16, 17, 200, 333]),  # SmolLM2's layout; block edges; long rows
     (4, 4, 64, 4, [7, 1, 9]),  # no grouping
-    (8, 2, 48, 8, [23, 64, 3]),  # 4 heads per K/V head; a head size of six AVX slices
+    (8, 2, 48, 8, [23, 64, 3]),  # 4 heads per K/V head (passes of 3 + 1); 32 + 8 + 8 floats
+    (10, 2, 96, 16, [40, 17]),  # 5 heads per K/V head (passes of 3 + 2); 3 x 32 floats
+    (8, 1, 128, 16, [9, 300]),  # 8 heads per K/V head (3 + 3 + 2); 4 x 32 floats
     (6, 3, 20, 5, [11, 2, 30, 31]),  # a head size the vector paths do not take
     (32, 8, 64, 16, [513]),  # Llama-3.2-1B's layout, one sequence
 ])
@@ -70,6 +72,18 @@ def test_kernel_matches_fp64_attention(heads, kv_heads, head_dim, block_size, le
     got = KERNEL(q, pool, tables, ctx, 0.125)
     want = _reference(q, pool, tables, ctx, 0.125)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+@needs_kernel
+def test_a_nan_score_gives_nan_not_a_finite_guess():
+    """As SDPA: a NaN in a row's scores (here: in its query) makes that row's output NaN,
+    whether the NaN falls in the vector part of the row or its tail, and leaves the others."""
+    q, pool, tables, ctx = _case(2, 2, 1, 16, 4, [13, 13])
+    for bad_key in (2, 12):  # vector lanes (first 8 keys) and the scalar tail
+        p = pool.clone()
+        p[0, tables[0, bad_key // 4], bad_key % 4] = float("nan")
+        out = KERNEL(q, p, tables, ctx, 1.0)
+        assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
 
 
 @needs_kernel
@@ -165,7 +179,12 @@ def test_builds_are_cached_and_failures_are_clear(tmp_path, monkeypatch):
         compile_shared(src)
     monkeypatch.setenv("CC", "env gcc")  # CC is split as a shell would
     src.write_text("int add_one(int x) { return x + 3; }\n")
-    assert compile_shared(src).exists()
+    plain = compile_shared(src)
+    monkeypatch.setenv("CC", "env gcc -O0")
+    assert compile_shared(src) != plain  # the compiler command is part of the key
+    monkeypatch.setenv("CC", 'gcc "')
+    with pytest.raises(RuntimeError, match="cannot parse CC"):
+        compile_shared(src)
 
 
 def test_every_backend_says_whether_it_reads_the_pool():

@@ -1,10 +1,11 @@
 """CPU kernels in C, compiled on first use with the machine's C compiler and called via ctypes.
 
-Why C: the CPU decode attention is a scan over each sequence's keys and values with 3 query
-rows per K/V head. Expressed in torch (batched matmuls, SDPA) MKL and the flash kernel read
-the K/V at about half the memory's bandwidth, and they need the K/V gathered or kept
-contiguous first (``decode_cache``). A 100-line loop reads it in place from the paged pool at
-the bandwidth. No maintained library ships such a kernel for torch's CPU builds.
+Why C: the CPU decode attention is a scan over each sequence's keys and values with a few
+query rows per K/V head. Expressed in torch (batched matmuls, SDPA) it needs the K/V gathered
+or kept contiguous first (``decode_cache``), and MKL and the flash kernel run such thin
+matmuls well below the memory's bandwidth. A loop over the block table reads the K/V in place
+from the paged pool, each row only up to its length. No maintained library ships such a
+kernel for torch's CPU builds.
 
 Why at first use: ``-march=native`` fits the kernel to the CPU it runs on, and a compile
 takes under a second. The shared object is cached under ``SLAQ_KERNEL_CACHE`` (default
@@ -26,6 +27,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -61,10 +63,28 @@ COMPILE_TIMEOUT_S = 120
 
 def _compiler() -> list[str] | None:
     """The compiler command: ``CC`` as a shell would split it (``ccache gcc``), else cc/gcc."""
-    if os.environ.get("CC"):
-        return shlex.split(os.environ["CC"])
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        try:
+            return shlex.split(cc)
+        except ValueError as exc:
+            raise RuntimeError(f"cannot parse CC={cc!r}: {exc}") from exc
     found = shutil.which("cc") or shutil.which("gcc")
     return [found] if found else None
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in its own process group, so that a timeout kills the compiler driver's
+    children (cc1, as, ld) too, not only the driver."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=COMPILE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def compile_shared(source: Path, flags: tuple[str, ...] = FLAGS) -> Path:
@@ -77,10 +97,9 @@ def compile_shared(source: Path, flags: tuple[str, ...] = FLAGS) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     try:
-        version = subprocess.run([*cc, "--version"], capture_output=True, text=True,
-                                 check=False, timeout=COMPILE_TIMEOUT_S).stdout
-        key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version,
-                                        _cpu_signature()]).encode()).hexdigest()[:16]
+        version = _run([*cc, "--version"]).stdout
+        key = hashlib.sha256("\0".join([source.read_text(), shlex.join(cc), " ".join(flags),
+                                        version, _cpu_signature()]).encode()).hexdigest()[:16]
         out = kernel_cache_dir() / f"{source.stem}-{key}.so"
         if out.exists():
             return out
@@ -88,13 +107,14 @@ def compile_shared(source: Path, flags: tuple[str, ...] = FLAGS) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
         os.close(fd)
         try:
-            proc = subprocess.run([*cc, *flags, "-o", tmp, str(source), "-lm"],
-                                  capture_output=True, text=True, check=False,
-                                  timeout=COMPILE_TIMEOUT_S)
+            proc = _run([*cc, *flags, "-o", tmp, str(source), "-lm"])
             if proc.returncode != 0:
                 raise RuntimeError(f"{shlex.join(cc)} failed on {source.name}: "
                                    f"{proc.stderr.strip()[-2000:]}")
-            os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide it from a shared cache's users
+            umask = os.umask(0)
+            os.umask(umask)
+            # mkstemp's 0600 would hide it from a shared cache's other users.
+            os.chmod(tmp, 0o755 & ~umask)
             os.replace(tmp, out)
         finally:
             if os.path.exists(tmp):

@@ -44,9 +44,10 @@ static inline float exp_neg(float x) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-/* exp_neg on eight lanes: the same steps, so both paths round alike. */
+/* exp_neg on eight lanes: the same steps (fused here), so the two agree within 2 ulp. */
 static inline __m256 exp_neg8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    /* Operand order: maxps returns its second operand when either is NaN; NaN stays NaN. */
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
     const __m256 n = _mm256_floor_ps(
         _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -70,7 +71,9 @@ static float softmax_row(float *s, int64_t n) {
     float m = -INFINITY;
 #if defined(__AVX2__) && defined(__FMA__)
     __m256 mv = _mm256_set1_ps(-INFINITY);
-    for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t));
+    /* A NaN score must not displace a lane's maximum (maxps keeps its second operand then); the
+     * exponential below turns it into a NaN output, as SDPA would. */
+    for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(_mm256_loadu_ps(s + t), mv);
     float lanes[8];
     _mm256_storeu_ps(lanes, mv);
     for (int i = 0; i < 8; i++) m = lanes[i] > m ? lanes[i] : m;
@@ -140,39 +143,55 @@ static void block_scores(const float *k, int64_t stride, int64_t count,
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* One pass of block_values over `heads` heads and `slices` slices of eight floats starting at
+ * column d. Both counts are compile-time constants at every call (always inlined), so the
+ * heads * slices accumulators stay in registers: a runtime bound made GCC keep them on the
+ * stack, one store-to-load round trip per key on every chain. */
+static inline __attribute__((always_inline)) void values_pass(
+        const float *v, int64_t stride, int64_t count, const float *w, int64_t w_stride,
+        float *acc, int64_t head_dim, int64_t d, const int heads, const int slices) {
+    __m256 a[3][4];
+    for (int k = 0; k < heads; k++)
+        for (int c = 0; c < slices; c++)
+            a[k][c] = _mm256_loadu_ps(acc + k * head_dim + d + 8 * c);
+    for (int64_t i = 0; i < count; i++) {
+        const float *row = v + i * stride + d;
+        for (int k = 0; k < heads; k++) {
+            const __m256 wk = _mm256_broadcast_ss(w + k * w_stride + i);
+            for (int c = 0; c < slices; c++)
+                a[k][c] = _mm256_fmadd_ps(wk, _mm256_loadu_ps(row + 8 * c), a[k][c]);
+        }
+    }
+    for (int k = 0; k < heads; k++)
+        for (int c = 0; c < slices; c++)
+            _mm256_storeu_ps(acc + k * head_dim + d + 8 * c, a[k][c]);
+}
+#endif
+
 /* acc[g * head_dim + d] += sum over the `count` values (rows `stride` floats apart from `v`)
  * of w[g * w_stride + i] * v_i[d]. */
 static void block_values(const float *v, int64_t stride, int64_t count, const float *w,
                          int64_t w_stride, int64_t group, int64_t head_dim, float *acc) {
 #if defined(__AVX2__) && defined(__FMA__)
-    /* Accumulators stay in registers over the block: up to three heads times four slices of
-     * eight floats per pass, twelve independent FMA chains (fewer would wait on the FMA
-     * latency, each chain being one long sum over the keys). */
-    if (head_dim % 32 == 0) {
+    /* Up to three heads times four slices of eight floats per pass: twelve independent FMA
+     * chains (fewer would wait on the FMA latency, each chain being one long sum over the
+     * keys); a head size that is not a multiple of 32 finishes with single slices. */
+    if (head_dim % 8 == 0) {
         for (int64_t g0 = 0; g0 < group; g0 += 3) {
             const int64_t gn = group - g0 < 3 ? group - g0 : 3;
-            for (int64_t d = 0; d < head_dim; d += 32) {
-                __m256 a[3][4];
-                for (int k = 0; k < 3; k++)
-                    for (int c = 0; c < 4; c++)
-                        a[k][c] = k < gn ? _mm256_loadu_ps(acc + (g0 + k) * head_dim + d + 8 * c)
-                                         : _mm256_setzero_ps();
-                for (int64_t i = 0; i < count; i++) {
-                    const float *row = v + i * stride + d;
-                    const __m256 v0 = _mm256_loadu_ps(row), v1 = _mm256_loadu_ps(row + 8);
-                    const __m256 v2 = _mm256_loadu_ps(row + 16), v3 = _mm256_loadu_ps(row + 24);
-                    for (int k = 0; k < 3; k++) {
-                        if (k >= gn) break;
-                        const __m256 wk = _mm256_broadcast_ss(w + (g0 + k) * w_stride + i);
-                        a[k][0] = _mm256_fmadd_ps(wk, v0, a[k][0]);
-                        a[k][1] = _mm256_fmadd_ps(wk, v1, a[k][1]);
-                        a[k][2] = _mm256_fmadd_ps(wk, v2, a[k][2]);
-                        a[k][3] = _mm256_fmadd_ps(wk, v3, a[k][3]);
-                    }
-                }
-                for (int k = 0; k < gn; k++)
-                    for (int c = 0; c < 4; c++)
-                        _mm256_storeu_ps(acc + (g0 + k) * head_dim + d + 8 * c, a[k][c]);
+            const float *wg = w + g0 * w_stride;
+            float *ag = acc + g0 * head_dim;
+            int64_t d = 0;
+            for (; d + 32 <= head_dim; d += 32) {
+                if (gn == 3) values_pass(v, stride, count, wg, w_stride, ag, head_dim, d, 3, 4);
+                else if (gn == 2) values_pass(v, stride, count, wg, w_stride, ag, head_dim, d, 2, 4);
+                else values_pass(v, stride, count, wg, w_stride, ag, head_dim, d, 1, 4);
+            }
+            for (; d < head_dim; d += 8) {
+                if (gn == 3) values_pass(v, stride, count, wg, w_stride, ag, head_dim, d, 3, 1);
+                else if (gn == 2) values_pass(v, stride, count, wg, w_stride, ag, head_dim, d, 2, 1);
+                else values_pass(v, stride, count, wg, w_stride, ag, head_dim, d, 1, 1);
             }
         }
         return;
