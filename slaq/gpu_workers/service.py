@@ -257,8 +257,7 @@ class WorkerService:
                 self.loop.abort(eid)
                 return Outcome("dropped", "the request moved on before decoding")
             if not self._stream(item, attempt, outputs, progress):
-                return Outcome("cancelled", f"by its client after {len(progress.token_ids)} "
-                                            "tokens")
+                return _cancelled(progress)
         return Outcome("finished", f"{len(progress.token_ids)} tokens")
 
     def _publish_first(self, item: WorkItem, attempt: int, progress: _Progress,
@@ -297,8 +296,7 @@ class WorkerService:
                 log.warning("%s", exc)
                 return self._re_prefill(item, attempt, "no room on the decode worker")
             if not done:
-                return Outcome("cancelled", f"by its client after {len(progress.token_ids)} "
-                                            "tokens")
+                return _cancelled(progress)
             return Outcome("finished", f"{len(progress.token_ids)} tokens; "
                                        f"{reused} of {len(lease.block_ids)} KV blocks cached here")
         except Exception as exc:
@@ -444,3 +442,8 @@ def current() -> WorkerService:
     if _current is None:
         raise RuntimeError("no slaq worker service in this process (run `slaq worker`)")
     return _current
+
+
+def _cancelled(progress: _Progress) -> Outcome:
+    """The outcome of a request whose client cancelled it while it streamed."""
+    return Outcome("cancelled", f"by its client after {len(progress.token_ids)} tokens")

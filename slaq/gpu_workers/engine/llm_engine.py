@@ -366,10 +366,11 @@ class LLMEngine:
     def _build_outputs(self, result: _StepResult, stopped: set[str]) -> list[RequestOutput]:
         """Detokenise a step's tokens; requests a stop string ends go into ``stopped``."""
         sampled = result.runner_out.sampled_token_ids
-        # A request aborted since the step ran gets nothing more (its caller is gone).
+        # A request aborted since the step ran gets nothing more (its caller is gone):
+        # abort() puts it in the held step's `dropped`.
         outputs = [self._output(item.seq, result.runner_out, stopped)
                    for item in result.scheduled
-                   if item.seq.request_id in sampled and item.seq.finish_reason != "abort"
+                   if item.seq.request_id in sampled
                    and item.seq.request_id not in result.dropped]
         # Sequences the scheduler ended without running them (they outgrew the pool).
         outputs += [self._output(seq, result.runner_out, stopped) for seq in result.finished

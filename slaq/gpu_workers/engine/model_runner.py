@@ -215,14 +215,13 @@ class ModelRunner:
                 overlap()
             return RunnerOutput()
         batch = self._prepare(out.scheduled)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta,
-                            self.backend)
+        hidden = self._forward(batch)
         result = RunnerOutput()
         if not batch.sample_rows:
             if overlap is not None:
                 overlap()
             return result
-        logits = self.model.compute_logits(hidden.index_select(0, batch.sample_indices))
+        logits = self._sampled_logits(batch, hidden)
         if overlap is not None:
             overlap()
         sampled = self.sampler.sample(logits, batch.sample_rows)
@@ -242,11 +241,16 @@ class ModelRunner:
         assert not out.is_empty
         batch = self._prepare(out.scheduled)
         fill_placeholders(batch.input_ids, batch.placeholder_rows, prev)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta,
-                            self.backend)
-        logits = self.model.compute_logits(hidden.index_select(0, batch.sample_indices))
+        logits = self._sampled_logits(batch, self._forward(batch))
         return LaunchedStep.start([r.request_id for r in batch.sample_rows],
                                   greedy_argmax(logits))
+
+    def _forward(self, batch: _Batch) -> torch.Tensor:
+        return self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta,
+                          self.backend)
+
+    def _sampled_logits(self, batch: _Batch, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden.index_select(0, batch.sample_indices))
 
     def _prepare(self, scheduled: list[ScheduledSequence]) -> _Batch:
         # Multi-token chunks go first (one attention call each), single tokens last (batched).
@@ -281,7 +285,7 @@ class ModelRunner:
                 input_ids += seq.token_ids[s.start:end]
                 spans.append(PrefillSpan(
                     token_start, s.num_new_tokens, s.start,
-                    torch.tensor(seq.block_table[:-(-end // bs)], device=self.device)))
+                    index_tensor(seq.block_table[:-(-end // bs)], self.device)))
             positions += range(s.start, end)
             slots += seq.slots(s.start, end, bs)
             if s.sample:
@@ -290,13 +294,15 @@ class ModelRunner:
                 if seq.last_token_id == PLACEHOLDER_TOKEN_ID:
                     holes.append((len(input_ids) - 1, seq.request_id))
         dev = self.device
+        # index_tensor, not torch.tensor(..., device=cuda): a step launched ahead must not
+        # wait here for the one still running on the device.
         meta = AttentionMetadata(
-            block_size=bs, slot_mapping=torch.tensor(slots, device=dev), prefills=spans,
+            block_size=bs, slot_mapping=index_tensor(slots, dev), prefills=spans,
             num_prefill_tokens=len(input_ids) - len(decodes))
         if decodes:
             self._add_decode_meta(meta, decodes)
-        return _Batch(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev),
-                      meta, torch.tensor(sample_idx, dtype=torch.long, device=dev), rows, holes)
+        return _Batch(index_tensor(input_ids, dev), index_tensor(positions, dev), meta,
+                      index_tensor(sample_idx, dev), rows, holes)
 
     def _add_decode_meta(self, meta: AttentionMetadata,
                          decodes: list[ScheduledSequence]) -> None:
@@ -307,8 +313,8 @@ class ModelRunner:
         # Padding entries point at block 0; the mask (or the kernel's lengths) hides them.
         tables = [s.seq.block_table[:n] + [0] * (width - n)
                   for s, n in zip(decodes, num_blocks, strict=True)]
-        lens = torch.tensor(context_lens, device=self.device)
-        meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
+        lens = index_tensor(context_lens, self.device)
+        meta.decode_block_tables = index_tensor(tables, self.device)
         meta.decode_context_lens = lens
         dkv = self.decode_kv
         if dkv is not None and dkv.plan([s.seq for s in decodes], context_lens):

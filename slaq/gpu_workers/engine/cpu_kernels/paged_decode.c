@@ -25,18 +25,27 @@
 /* e^x for x <= 0, within 1 ulp of expf over [-87, 0]: x = n ln2 + r, e^r by a degree-6
  * polynomial, 2^n through the exponent bits. Inputs below -87 (and -inf) give e^-87, about
  * 1.6e-38: still a normal float, and nothing beside the row's maximum (which gives 1). */
+#define EXP_FLOOR -87.0f
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693359375f
+#define LN2_LO -2.12194440e-4f
+#define EXP_C6 1.9875691500e-4f
+#define EXP_C5 1.3981999507e-3f
+#define EXP_C4 8.3334519073e-3f
+#define EXP_C3 4.1665795894e-2f
+#define EXP_C2 1.6666665459e-1f
+#define EXP_C1 5.0000001201e-1f
+
 static inline float exp_neg(float x) {
-    if (x < -87.0f) x = -87.0f;
-    const float log2e = 1.44269504088896341f;
-    const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-    float n = floorf(x * log2e + 0.5f);
-    float r = x - n * ln2_hi - n * ln2_lo;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
+    if (x < EXP_FLOOR) x = EXP_FLOOR;
+    float n = floorf(x * LOG2E + 0.5f);
+    float r = x - n * LN2_HI - n * LN2_LO;
+    float p = EXP_C6;
+    p = p * r + EXP_C5;
+    p = p * r + EXP_C4;
+    p = p * r + EXP_C3;
+    p = p * r + EXP_C2;
+    p = p * r + EXP_C1;
     p = p * r * r + r + 1.0f;
     union { float f; int32_t i; } scale;
     scale.i = ((int32_t)n + 127) << 23;
@@ -47,17 +56,17 @@ static inline float exp_neg(float x) {
 /* exp_neg on eight lanes: the same steps (fused here), so the two agree within 2 ulp. */
 static inline __m256 exp_neg8(__m256 x) {
     /* Operand order: maxps returns its second operand when either is NaN; NaN stays NaN. */
-    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
+    x = _mm256_max_ps(_mm256_set1_ps(EXP_FLOOR), x);
     const __m256 n = _mm256_floor_ps(
-        _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+        _mm256_fmadd_ps(x, _mm256_set1_ps(LOG2E), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    __m256 p = _mm256_set1_ps(EXP_C6);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_C5));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_C2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_C1));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i e = _mm256_slli_epi32(
         _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);

@@ -142,17 +142,13 @@ def bf16_linears(model: nn.Module) -> int:
     """Replace every fp32 CPU ``nn.Linear`` in ``model`` by a :class:`Bf16MathLinear`;
     returns how many (0 where :func:`bf16_matmul_available` is False for any of the model's
     weight shapes: all of them take the mode or none does)."""
-
-    def eligible(mod: nn.Module) -> bool:
-        return (isinstance(mod, nn.Linear) and mod.weight.dtype == torch.float32
-                and mod.weight.device.type == "cpu")
-
-    shapes = {tuple(mod.weight.shape) for mod in model.modules() if eligible(mod)}
+    shapes = {tuple(mod.weight.shape) for mod in model.modules() if _fp32_cpu_linear(mod)}
     if not shapes or not bf16_matmul_available(shapes):
         log.info("oneDNN's bf16 math mode is missing or inexact here: CPU linears stay "
                  "strict fp32")
         return 0
-    return _swap_modules(model, lambda mod: Bf16MathLinear(mod) if eligible(mod) else None)
+    return _swap_modules(model,
+                         lambda mod: Bf16MathLinear(mod) if _fp32_cpu_linear(mod) else None)
 
 
 def onednn_packing_available() -> bool:
@@ -200,10 +196,13 @@ def pack_linears(model: nn.Module) -> int:
     if not onednn_packing_available():
         log.info("oneDNN packed linear unavailable: CPU linears stay unpacked")
         return 0
-    return _swap_modules(model, lambda mod: (
-        PackedLinear(mod)
-        if isinstance(mod, nn.Linear) and mod.weight.dtype == torch.float32
-        and mod.weight.device.type == "cpu" else None))
+    return _swap_modules(model, lambda mod: PackedLinear(mod) if _fp32_cpu_linear(mod) else None)
+
+
+def _fp32_cpu_linear(mod: nn.Module) -> bool:
+    """A plain ``nn.Linear`` with fp32 weights on CPU: what both swaps above replace."""
+    return (isinstance(mod, nn.Linear) and mod.weight.dtype == torch.float32
+            and mod.weight.device.type == "cpu")
 
 
 def unpack_linears(model: nn.Module) -> int:
