@@ -318,7 +318,13 @@ class Cluster:
     def wait_state(self, rid: str, states: tuple[str, ...] = ("finished", "failed"),
                    timeout_s: float = WAIT_S) -> RequestRow:
         wait_for(lambda: self.row(rid).state in states, timeout_s, f"{rid} in {states}")
-        return self.row(rid)
+        row = self.row(rid)
+        if row.state == "finished":
+            # The ledger finishes first, then the stream's last entry goes out
+            # (service._finish): read the stream once it has ended, as a client would.
+            wait_for(lambda: any(d.is_final for d in self.stream(rid)), timeout_s,
+                     f"the end of {rid}'s stream")
+        return row
 
     def stream(self, rid: str) -> list[streams.TokenDelta]:
         return streams.read_tokens(self.r, rid)
