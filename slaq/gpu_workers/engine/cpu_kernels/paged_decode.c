@@ -22,6 +22,21 @@
 
 #define MAX_HEADS 256
 
+/* Asks for bytes of the block after the one being read, into the outer caches (a hint of
+ * locality 1: prefetcht2 on x86), a share before each head's pass. A row's blocks lie
+ * anywhere in the pool, and within a block each pass reads one K/V head's slice of every
+ * token (a 768-byte stride for SmolLM2), a pattern the stream prefetchers follow poorly: on
+ * stop 14's AVX512 EPYC a plain sum over the blocks that way took 27 ms a decode step where a
+ * sequential one took 16. With these hints the kernel went from 33-37 ms to 25-26 ms with
+ * block tables in pool order and from 40-43 ms to 30 ms with shuffled ones (batch 32,
+ * contexts 64-639, 30 layers' pools). Slower were: the whole next block at once, two blocks
+ * ahead, a locality-3 hint (into L1), and passes that read each token's row whole. */
+static inline void prefetch_block(const float *block, int64_t num_floats) {
+    const char *bytes = (const char *)block;
+    for (int64_t off = 0; off < num_floats * (int64_t)sizeof(float); off += 64)
+        __builtin_prefetch(bytes + off, 0, 1);
+}
+
 /* e^x for x <= 0, within 1 ulp of expf over [-87, 0]: x = n ln2 + r, e^r by a degree-6
  * polynomial, 2^n through the exponent bits. Inputs below -87 (and -inf) give e^-87, about
  * 1.6e-38: still a normal float, and nothing beside the row's maximum (which gives 1). */
@@ -232,6 +247,8 @@ int paged_decode_attention(const float *q, const float *kv, const int64_t *block
     const int64_t token_stride = num_kv_heads * head_dim;  /* one token's row in a block */
     const int64_t block_stride = block_size * token_stride;
     const int64_t plane = num_blocks * block_stride;  /* K to V */
+    /* The next block is prefetched in as many shares as there are K/V heads. */
+    const int64_t head_share = block_size * head_dim;
     const int64_t per_seq = num_heads * (max_context + 2 * head_dim);
     int status = 0;
 
@@ -262,14 +279,21 @@ int paged_decode_attention(const float *q, const float *kv, const int64_t *block
             acc[x] = 0.0f;
         }
 
+        prefetch_block(kv + table[0] * block_stride, block_stride);
         for (int64_t j = 0; j < num_row_blocks; j++) {
             const int64_t t0 = j * block_size;
             const int64_t count = n - t0 < block_size ? n - t0 : block_size;
             const float *kb = kv + table[j] * block_stride;
-            for (int64_t h = 0; h < num_kv_heads; h++)
+            /* The next key block, or after the last one the first value block: a share of it
+             * before each head's pass, so the requests in flight stay few. */
+            const float *next = kv + (j + 1 < num_row_blocks ? table[j + 1] * block_stride
+                                                             : plane + table[0] * block_stride);
+            for (int64_t h = 0; h < num_kv_heads; h++) {
+                prefetch_block(next + h * head_share, head_share);
                 block_scores(kb + h * head_dim, token_stride, count,
                              qbuf + h * group * head_dim, group, head_dim,
                              scores + h * group * max_context + t0, max_context);
+            }
         }
         /* Softmax weights, unnormalised; the sum divides the output once. */
         float inv_sum[MAX_HEADS];
@@ -280,10 +304,14 @@ int paged_decode_attention(const float *q, const float *kv, const int64_t *block
             const int64_t t0 = j * block_size;
             const int64_t count = n - t0 < block_size ? n - t0 : block_size;
             const float *vb = kv + plane + table[j] * block_stride;
-            for (int64_t h = 0; h < num_kv_heads; h++)
+            const float *next = j + 1 < num_row_blocks
+                                    ? kv + plane + table[j + 1] * block_stride : NULL;
+            for (int64_t h = 0; h < num_kv_heads; h++) {
+                if (next) prefetch_block(next + h * head_share, head_share);
                 block_values(vb + h * head_dim, token_stride, count,
                              scores + h * group * max_context + t0, max_context, group,
                              head_dim, acc + h * group * head_dim);
+            }
         }
         float *o = out + b * num_heads * head_dim;
         for (int64_t x = 0; x < num_heads; x++)
