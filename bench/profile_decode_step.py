@@ -28,20 +28,27 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--profiled-steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--matmul-precision", choices=("ieee", "bf16"), default="bf16")
+    ap.add_argument("--decode-attention", choices=("auto", "paged", "copy"), default="auto")
     args = ap.parse_args()
     new_tokens = 1 + args.steps + args.profiled_steps + 8
     cfg = EngineBenchConfig(model=resolve_model("smollm2"), batch_sizes=(args.batch,),
                             new_tokens=new_tokens, prefill_batch=0)
     prompts = _prompts(cfg, args.batch, 49152, cfg.seed + args.batch)
-    engine = build_engine(cfg, "eager", args.batch, _num_blocks(cfg))
+    engine = build_engine(cfg, "eager", args.batch, _num_blocks(cfg),
+                          cpu_matmul_precision=args.matmul_precision,
+                          cpu_decode_attention=args.decode_attention)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)
     t0 = time.perf_counter()
-    while engine.scheduler.num_waiting or any(
-            seq.num_output_tokens < 1 for seq in engine.scheduler.running):
-        engine.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prefill_prof:
+        while engine.scheduler.num_waiting or any(
+                seq.num_output_tokens < 1 for seq in engine.scheduler.running):
+            engine.step()
     first_tokens_s = time.perf_counter() - t0
+    prefill_ms = {e.key: e.self_cpu_time_total / 1e3 for e in prefill_prof.key_averages()}
+    prefill_top = sorted(prefill_ms, key=prefill_ms.__getitem__, reverse=True)[:args.top]
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
@@ -61,6 +68,8 @@ def main() -> None:
                            "min": round(min(times) * 1e3, 1), "steps": args.steps},
         "profiled_ms_per_step": {k: round(per_step[k], 2) for k in top},
         "profiled_op_total_ms_per_step": round(sum(per_step.values()), 1),
+        "prefill_profiled_ms": {k: round(prefill_ms[k], 1) for k in prefill_top},
+        "prefill_profiled_op_total_ms": round(sum(prefill_ms.values()), 1),
     }, indent=2))
 
 

@@ -151,7 +151,7 @@ def _free_memory(device: str) -> None:
 
 
 def build_engine(cfg: EngineBenchConfig, runner: str, max_num_seqs: int, num_blocks: int,
-                 cpu_matmul_precision: str = "bf16", cpu_decode_attention: str = "auto") -> Any:
+                 cpu_matmul_precision: str = "ieee", cpu_decode_attention: str = "auto") -> Any:
     from slaq.gpu_workers.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from slaq.gpu_workers.engine.llm_engine import LLMEngine
     from slaq.gpu_workers.engine.loader import load_model_config

@@ -134,10 +134,12 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # On CUDA, fuse each layer's element-wise ops with torch.compile (see models/layer_ops).
     fuse_layer_ops: bool = True
-    # CPU fp32: "bf16" runs matmuls in oneDNN's bf16 math mode where the CPU has bf16
-    # instructions and a probe shows the mode keeps fp32 accuracy (fp32 in and out, ~2x MKL;
-    # see models/cpu_linear); "ieee" keeps strict fp32 (oneDNN with prepacked weights).
-    cpu_matmul_precision: str = "bf16"
+    # CPU fp32 linears: "ieee" keeps strict fp32 through oneDNN with the weights prepacked
+    # once; "bf16" runs them unpacked under oneDNN's bf16 math mode where the CPU has bf16
+    # instructions and a probe shows the mode keeps fp32 accuracy (see models/cpu_linear). On
+    # stop 14's AVX512-BF16 EPYC the packed strict path was the faster of the two at every
+    # row count, with bitwise the same outputs as the mode gives packed weights.
+    cpu_matmul_precision: str = "ieee"
     # CPU decode attention: "paged" reads K/V in place from the pool with a C kernel compiled
     # at first use (fp32; see cpu_kernels), "copy" runs batched matmuls over a contiguous copy
     # of the batch's K/V (decode_cache), "auto" the kernel where it applies (fp32, a head

@@ -113,9 +113,9 @@ class ModelRunner:
         self.max_model_len = config.scheduler.max_model_len
         self.model = load_model(config.model, self.model_config, self.device, self.dtype)
         self.model.rotary.build(self.max_model_len, self.device, self.dtype)
-        # CPU fp32 linears: oneDNN's bf16 math mode where the CPU has it (about 2x MKL at
-        # every row count), else oneDNN with the weights packed once (MKL's F.linear re-packs
-        # them on every call; 1.6x at decode's 32 rows). See models/cpu_linear.
+        # CPU fp32 linears: oneDNN with the weights packed once (MKL's F.linear re-packs them
+        # on every call; 1.6x at decode's 32 rows), or, asked for and accurate here, oneDNN's
+        # bf16 math mode on unpacked weights. See models/cpu_linear.
         self.matmul_precision: str | None = None
         if self.device.type == "cpu" and self.dtype == torch.float32:
             if config.cpu_matmul_precision == "bf16" and bf16_linears(self.model):
