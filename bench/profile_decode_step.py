@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--profiled-steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=10)
-    ap.add_argument("--matmul-precision", choices=("ieee", "bf16"), default="bf16")
+    ap.add_argument("--matmul-precision", choices=("ieee", "bf16"), default="ieee")
     ap.add_argument("--decode-attention", choices=("auto", "paged", "copy"), default="auto")
     args = ap.parse_args()
     new_tokens = 1 + args.steps + args.profiled_steps + 8
