@@ -32,6 +32,7 @@ from slaq.gpu_workers.engine.cost_model import (
     record_engine,
 )
 from slaq.gpu_workers.engine.profiles_store import CalibratedProfile
+from slaq.host import cpu_capability, cpu_family_model, cpu_model_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,12 +61,12 @@ def host_info(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {"device": device, "machine": platform.machine(),
                             "cpu_count": os.cpu_count(), "torch": torch.__version__,
                             "torch_threads": torch.get_num_threads()}
-    # Not every OS has /proc/cpuinfo or a load average: the record is then without them.
+    # The host's CPU matters on a GPU too: it runs the scheduler and launches the steps.
+    info["cpu"] = cpu_model_name()
+    info["cpu_family_model"] = ", ".join(cpu_family_model())
+    info["cpu_capability"] = cpu_capability()
+    # Not every OS has a load average: the record is then without it.
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
         info["load_avg_1m"] = os.getloadavg()[0]
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)

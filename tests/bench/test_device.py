@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from slaq.bench.device import cpu_family_model, cpu_model_name, device_name
+from slaq.bench.device import device_name
+from slaq.host import cpu_family_model, cpu_model_name
 
 
 def test_the_cpu_is_named_by_its_model_isa_cores_and_threads():

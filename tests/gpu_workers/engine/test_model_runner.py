@@ -224,7 +224,7 @@ def test_both_cpu_matmul_precisions_decode_hf_greedy(tiny_model_path, tiny_hf, t
                                        cpu_matmul_precision=precision))
     bf16 = precision == "bf16" and bf16_matmul_available()
     assert runner.matmul_precision == ("bf16" if bf16 else "ieee")
-    # bf16 math mode replaces the prepacked linears (it is faster at decode sizes too).
+    # Asked for and accurate here, the bf16 math mode takes the place of the prepacked linears.
     assert any(isinstance(m, PackedLinear) for m in runner.model.modules()) != bf16
     assert any(isinstance(m, Bf16MathLinear) for m in runner.model.modules()) == bf16
     for i, prompt in enumerate(tiny_prompts[:3]):
