@@ -1,8 +1,9 @@
 """What CPU this process runs on, for the records benchmarks and calibrations write.
 
-Two "AMD EPYC" VMs of this project differed 2x in fp32 GEMM rate (a Zen 4 part runs AVX-512 at
-half width): the model name alone does not tell their results apart, the family and model
-numbers and the vector ISA torch dispatches to do.
+Two 2-core "AMD EPYC" VMs of this project with the same flags ran the CPU benchmark's prefill
+in about 7 s (stop 12) and 13 s (stop 14, a Zen 4: family 25 model 17): the model name alone
+does not tell such machines apart; the family and model numbers and the vector ISA torch
+dispatches to go some way.
 """
 
 from __future__ import annotations
