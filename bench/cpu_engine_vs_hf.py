@@ -11,12 +11,12 @@ shared machine hits both alike; the JSON has every round's figures and their rat
 Our engine runs its CPU fp32 matmuls in strict fp32 with oneDNN-prepacked weights
 (``EngineConfig.cpu_matmul_precision``, see models/cpu_linear); HF runs with torch's defaults
 (strict fp32, MKL). ``--with-bf16`` adds our engine with unpacked linears under oneDNN's bf16
-math mode (where the CPU has it and a probe finds it accurate; the option is refused
-elsewhere), ``--with-unpacked`` with plain ``F.linear``, ``--with-copy`` / ``--with-gather`` with the
-decode attention on the contiguous K/V copy / on blocks gathered every step instead of the C
-paged kernel, ``--hf-bf16`` HF under oneDNN's bf16 math mode: all in the same rounds, so what
-each piece gives is measured beside the headline. Both sides run in this process, so both get
-the huge pages slaq turns on.
+math mode (where the CPU has it and a probe finds it accurate; the option is refused elsewhere),
+``--with-unpacked`` with plain ``F.linear``, ``--with-copy`` / ``--with-gather`` with the decode
+attention on the contiguous K/V copy / on blocks gathered every step instead of the C paged
+kernel, ``--hf-bf16`` HF under oneDNN's bf16 math mode: all in the same rounds, so what each
+piece gives is measured beside the headline. Both sides run in this process, so both get the
+huge pages slaq turns on.
 """
 
 from __future__ import annotations

@@ -4,19 +4,19 @@ oneDNN's bf16 math mode where the CPU has bf16 instructions and the mode is accu
 **bf16 math mode** (:class:`Bf16MathLinear`, :func:`fp32_matmul_precision`): with
 ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"`` fp32 matmuls go to oneDNN, which may
 use the CPU's bf16 dot-product instructions while inputs, outputs and accumulation stay fp32.
-Only the linear layers take it: oneDNN copies strided operands first, so the decode
-attention's batched matmuls over views of the K/V copy ran 2.5x slower under it (1.10 ms
-against 0.45 ms for 32 rows of 400 keys). It is used only with
-``EngineConfig.cpu_matmul_precision="bf16"``, and only where :func:`bf16_matmul_available`
-finds it accurate. On the 2-core AVX512-BF16 EPYC of stops 9-12 it ran the model's projections
-about 2x faster than MKL's ``sgemm`` with errors of fp32's order (about 1e-6 of the output's
-scale). On stop 14's Zen 4 EPYC (also AVX512-BF16) it was not bf16 arithmetic: the same mode
-applied to prepacked weights gave bitwise the outputs of strict fp32, and the packed strict
-layers below were faster than it at every row count (30 layers of SmolLM2's projections at 1 / 8 / 32 /
-128 / 1,024 rows: 21 / 18 / 49 / 140 / 1,062 ms packed, 24 / 32 / 61 / 152 / 1,153 ms under
-the mode, ``F.linear`` 36 / 51 / 86 / 190 / 1,293 ms; the 49152x576 LM head at 32 rows 11.8 ms
-packed, 15.5 ms under the mode, 30.0 ms ``F.linear``). On an Intel Xeon with AMX the mode
-rounds inputs to bf16 (2.4e-3 of the output's scale), and the probe keeps it off there.
+Only the linear layers take it: oneDNN copies strided operands first, so the decode attention's
+batched matmuls over views of the K/V copy ran 2.5x slower under it (1.10 ms against 0.45 ms for
+32 rows of 400 keys). It is used only with ``EngineConfig.cpu_matmul_precision="bf16"``, and
+only where :func:`bf16_matmul_available` finds it accurate. On the 2-core AVX512-BF16 EPYC of
+stops 9-12 it ran the model's projections about 2x faster than MKL's ``sgemm`` with errors of
+fp32's order (about 1e-6 of the output's scale). On stop 14's Zen 4 EPYC (also AVX512-BF16) it
+was not bf16 arithmetic: the same mode applied to prepacked weights gave bitwise the outputs of
+strict fp32, and the packed strict layers below were faster than it at every row count (30
+layers of SmolLM2's projections at 1 / 8 / 32 / 128 / 1,024 rows: 21 / 18 / 49 / 140 / 1,062 ms
+packed, 24 / 32 / 61 / 152 / 1,153 ms under the mode, ``F.linear`` 36 / 51 / 86 / 190 / 1,293
+ms; the 49152x576 LM head at 32 rows 11.8 ms packed, 15.5 ms under the mode, 30.0 ms
+``F.linear``). On an Intel Xeon with AMX the mode rounds inputs to bf16 (2.4e-3 of the output's
+scale), and the probe keeps it off there.
 
 **Prepacked weights** (:class:`PackedLinear`): ``F.linear`` goes to MKL's ``sgemm``, which
 re-packs the weight into its blocked layout on every call; at decode's handful of rows that
