@@ -13,7 +13,7 @@ from pathlib import Path
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def _first_processor() -> dict[str, str]:
+def cpu_info() -> dict[str, str]:
     """The first processor's block of ``/proc/cpuinfo`` as key -> value ({} where there is no
     such file: not Linux)."""
     fields: dict[str, str] = {}
@@ -31,12 +31,12 @@ def _first_processor() -> dict[str, str]:
 
 def cpu_model_name() -> str:
     """The CPU's model name ("cpu" where there is none to read)."""
-    return _first_processor().get("model name", "cpu")
+    return cpu_info().get("model name", "cpu")
 
 
 def cpu_family_model() -> list[str]:
     """``["family 25", "model 17"]`` on x86 Linux; what of it is known elsewhere (often [])."""
-    info = _first_processor()
+    info = cpu_info()
     return [f"{label} {info[key]}" for key, label in (("cpu family", "family"), ("model", "model"))
             if key in info]
 

@@ -213,10 +213,11 @@ class CpuPagedBackend(TorchSDPABackend):
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        # No fallback to the parent's decode: with reads_pool the runner builds neither its
+        # K/V copy nor a mask. get_attention_backend takes this backend for fp32 only, and the
+        # kernel refuses anything else (a non-contiguous pool included) with a ValueError.
         tables, lens = meta.decode_block_tables, meta.decode_context_lens
         assert tables is not None and lens is not None
-        if q.dtype != torch.float32 or not kv_cache.is_contiguous():
-            return super()._decode(q, k, v, kv_cache, meta, scale)
         need = self.kernel.scratch_numel(q.shape[0], q.shape[1], tables.shape[1] * meta.block_size,
                                          q.shape[2])
         if self._scratch.numel() < need:

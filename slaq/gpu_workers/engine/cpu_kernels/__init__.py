@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from slaq.host import cpu_info
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
@@ -49,12 +51,8 @@ def kernel_cache_dir() -> Path:
 
 def _cpu_signature() -> str:
     """What -march=native depends on: the CPU model and its flags (Linux), else the arch."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.machine()
-    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
-    return platform.machine() + "\n" + "\n".join(keep)
+    info = cpu_info()
+    return "\n".join([platform.machine(), info.get("model name", ""), info.get("flags", "")])
 
 
 # A compile takes well under a second; anything near this is a stuck toolchain.
