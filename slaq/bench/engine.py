@@ -322,12 +322,15 @@ def _ours_part(cfg: EngineBenchConfig, runner: str, prompt_sets: dict[int, list[
     t0 = time.perf_counter()
     engine = build_engine(cfg, runner, max(cfg.batch_sizes), _num_blocks(cfg))
     setup_s = time.perf_counter() - t0
-    # Warm up: kernels compile and autotune, the allocator settles. On CUDA every batch's
-    # prefill shapes are run once, or whichever runner goes first pays their compiles in its
-    # time to first token (0.5-2 s on an H100) and the next one looks faster for it.
-    warm = prompt_sets if cfg.device.startswith("cuda") else {0: prompt_sets[min(prompt_sets)][:2]}
+    # Warm up: kernels compile and autotune, the allocator settles. On CUDA every batch runs
+    # once as measured, or whichever runner goes first pays compiles in its time to first
+    # token and the next one looks faster for it: with only every batch's prefill warmed
+    # (4 new tokens), the first runner's batch-128 time to all first tokens was still 1.24 s
+    # against the next runner's 0.42 s (H100, 2026-11-28).
+    cuda = cfg.device.startswith("cuda")
+    warm = prompt_sets if cuda else {0: prompt_sets[min(prompt_sets)][:2]}
     for prompts in warm.values():
-        run_ours(engine, prompts, 4, cfg.device)
+        run_ours(engine, prompts, cfg.new_tokens if cuda else 4, cfg.device)
     decode = {b: run_ours(engine, prompts, cfg.new_tokens, cfg.device)
               for b, prompts in prompt_sets.items()}
     prefill = (run_ours_prefill(engine, prefill_prompts, cfg.device) if cfg.prefill_batch
