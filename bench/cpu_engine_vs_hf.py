@@ -6,7 +6,8 @@ takes all requests at once. Rounds alternate which side goes first, so backgroun
 shared machine hits both alike; the JSON has every round's figures and their ratio.
 
     python bench/cpu_engine_vs_hf.py [--rounds 2] [--batch 32] [--new-tokens 128] [--out f]
-        [--with-bf16] [--with-unpacked] [--with-copy] [--with-gather] [--hf-bf16]
+        [--with-bf16] [--with-unpacked] [--with-copy] [--with-gather] [--with-torch-ops]
+        [--hf-bf16]
 
 Our engine runs its CPU fp32 matmuls in strict fp32 with oneDNN-prepacked weights
 (``EngineConfig.cpu_matmul_precision``, see models/cpu_linear); HF runs with torch's defaults
@@ -14,7 +15,8 @@ Our engine runs its CPU fp32 matmuls in strict fp32 with oneDNN-prepacked weight
 math mode (where the CPU has it and a probe finds it accurate; the option is refused elsewhere),
 ``--with-unpacked`` with plain ``F.linear``, ``--with-copy`` / ``--with-gather`` with the decode
 attention on the contiguous K/V copy / on blocks gathered every step instead of the C paged
-kernel, ``--hf-bf16`` HF under oneDNN's bf16 math mode: all in the same rounds, so what each
+kernel, ``--with-torch-ops`` with each layer's element-wise ops in torch instead of the C
+layer-op kernels, ``--hf-bf16`` HF under oneDNN's bf16 math mode: all in the same rounds, so what each
 piece gives is measured beside the headline. Both sides run in this process, so both get the
 huge pages slaq turns on.
 """
@@ -45,6 +47,7 @@ from slaq.bench.engine import (
     run_ours,
 )
 from slaq.gpu_workers.engine.models.cpu_linear import bf16_math_error, fp32_matmul_precision
+from slaq.gpu_workers.engine.models.layer_ops import EAGER_OPS
 
 
 def main() -> None:
@@ -69,6 +72,9 @@ def main() -> None:
                     help="also run our engine with the decode attention on the contiguous "
                          "K/V copy and batched matmuls instead of the C paged kernel, in the "
                          "same rounds")
+    ap.add_argument("--with-torch-ops", action="store_true",
+                    help="also run our engine with the layers' element-wise ops (norms, SiLU, "
+                         "rotary) in torch instead of the C kernels, in the same rounds")
     ap.add_argument("--hf-bf16", action="store_true",
                     help="also run HF generate under oneDNN's bf16 math mode, in the same rounds")
     args = ap.parse_args()
@@ -81,6 +87,7 @@ def main() -> None:
     prompts = _prompts(cfg, args.batch, engine.model_config.vocab_size, cfg.seed + args.batch)
     setup = {"ours_matmul_precision": engine.runner.matmul_precision,
              "ours_decode_attention": type(engine.runner.backend).__name__,
+             "ours_layer_ops": "c" if engine.runner.model.ops is not EAGER_OPS else "torch",
              "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     print(json.dumps(setup), flush=True)
     variants = {}
@@ -105,6 +112,9 @@ def main() -> None:
         # Our engine with MKL's F.linear, as it ran before the prepacked matmuls.
         variants["unpacked"] = build_engine(cfg, "eager", args.batch, _num_blocks(cfg), "ieee")
         unpack_linears(variants["unpacked"].runner.model)
+    if args.with_torch_ops:
+        variants["torch_ops"] = build_engine(cfg, "eager", args.batch, _num_blocks(cfg))
+        variants["torch_ops"].runner.model.ops = EAGER_OPS
     for other in variants.values():
         run_ours(other, prompts[:2], 4, "cpu")
     run_hf(hf_model, prompts[:2], 2, "cpu")  # warm up both

@@ -4,7 +4,8 @@ With ``--profile-prefill`` the phase up to the first tokens runs under the profi
 time then includes the profiler's cost).
 
     python bench/profile_decode_step.py [--batch 32] [--steps 30] [--profiled-steps 20]
-        [--matmul-precision ieee|bf16] [--decode-attention auto|paged|copy] [--profile-prefill]
+        [--matmul-precision ieee|bf16] [--decode-attention auto|paged|copy] [--torch-ops]
+        [--profile-prefill]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from slaq.bench.cli import resolve_model
 from slaq.bench.device import device_name
 from slaq.bench.engine import EngineBenchConfig, _num_blocks, _prompts, build_engine
 from slaq.gpu_workers.engine.config import SamplingParams
+from slaq.gpu_workers.engine.models.layer_ops import EAGER_OPS
 
 
 def main() -> None:
@@ -34,6 +36,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--matmul-precision", choices=("ieee", "bf16"), default="ieee")
     ap.add_argument("--decode-attention", choices=("auto", "paged", "copy"), default="auto")
+    ap.add_argument("--torch-ops", action="store_true",
+                    help="the layers' element-wise ops in torch, not the C kernels")
     ap.add_argument("--profile-prefill", action="store_true")
     args = ap.parse_args()
     new_tokens = 1 + args.steps + args.profiled_steps + 8
@@ -43,6 +47,8 @@ def main() -> None:
     engine = build_engine(cfg, "eager", args.batch, _num_blocks(cfg),
                           cpu_matmul_precision=args.matmul_precision,
                           cpu_decode_attention=args.decode_attention)
+    if args.torch_ops:
+        engine.runner.model.ops = EAGER_OPS
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)
@@ -68,6 +74,7 @@ def main() -> None:
         "device": device_name("cpu"), "batch": args.batch,
         "matmul_precision": engine.runner.matmul_precision,
         "decode_attention": type(engine.runner.backend).__name__,
+        "layer_ops": "torch" if engine.runner.model.ops is EAGER_OPS else "c",
         "time_to_all_first_tokens_s": round(first_tokens_s, 2),
         "decode_step_ms": {"median": round(statistics.median(times) * 1e3, 1),
                            "min": round(min(times) * 1e3, 1), "steps": args.steps},

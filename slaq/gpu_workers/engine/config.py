@@ -132,7 +132,8 @@ class EngineConfig:
     # plain greedy (see llm_engine): the device never waits for the host between steps.
     # None: on for model runners on CUDA. It replaces async_output where it applies.
     async_scheduling: bool | None = None
-    # On CUDA, fuse each layer's element-wise ops with torch.compile (see models/layer_ops).
+    # Fuse each layer's element-wise ops (see models/layer_ops): on CUDA with torch.compile,
+    # on CPU (fp32) with C kernels compiled at first use.
     fuse_layer_ops: bool = True
     # CPU fp32 linears: "ieee" keeps strict fp32 through oneDNN with the weights prepacked
     # once; "bf16" runs them unpacked under oneDNN's bf16 math mode where the CPU has bf16

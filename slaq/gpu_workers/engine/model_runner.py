@@ -27,6 +27,7 @@ from slaq.gpu_workers.engine.models.cpu_linear import (
     bf16_linears,
     pack_linears,
 )
+from slaq.gpu_workers.engine.models.layer_ops import cpu_kernel_ops
 from slaq.gpu_workers.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from slaq.gpu_workers.engine.sampler import Sampler, SampleRequest, greedy_argmax
 from slaq.gpu_workers.engine.sequence import PLACEHOLDER_TOKEN_ID
@@ -123,6 +124,8 @@ class ModelRunner:
             else:
                 self.matmul_precision = "ieee"
                 pack_linears(self.model)
+            if config.fuse_layer_ops:
+                self.model.ops = cpu_kernel_ops() or self.model.ops
         mc = self.model_config
         self.backend = get_attention_backend(self.device, config.cpu_decode_attention,
                                              mc.num_heads, mc.num_kv_heads, mc.head_dim,

@@ -39,6 +39,7 @@ from slaq.host import cpu_info
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
+LAYER_OPS_SOURCE = Path(__file__).with_name("layer_ops.c")
 # The C source's fixed bound (MAX_HEADS).
 MAX_HEADS = 256
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
@@ -191,4 +192,98 @@ def load_paged_decode() -> PagedDecodeKernel | None:
     except (OSError, RuntimeError) as exc:
         log.warning("CPU paged decode kernel unavailable, decode attention stays on torch: %s",
                     exc)
+        return None
+
+
+class LayerOpsKernel:
+    """A decoder layer's element-wise ops in C (fp32, CPU); see ``layer_ops.c``. Each call
+    takes what the torch version takes and checks what the C side trusts."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._norm = lib.add_rms_norm
+        self._norm.restype = None
+        self._norm.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_float]
+        self._silu = lib.silu_mul
+        self._silu.restype = None
+        self._silu.argtypes = [ptr, ptr, i64, i64]
+        self._rotary = lib.rotary
+        self._rotary.restype = None
+        self._rotary.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
+
+    @staticmethod
+    def _check(*tensors: torch.Tensor) -> None:
+        for t in tensors:
+            if not t.is_cpu or t.dtype != torch.float32:
+                raise ValueError("the layer-op kernels take fp32 CPU tensors")
+
+    @staticmethod
+    def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``x`` as rows with unit stride inside each row, and the rows' stride."""
+        x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        return x2, x2.stride(0)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        self._check(x, weight)
+        res = x.contiguous()
+        if weight.numel() != res.shape[-1]:
+            raise ValueError(f"norm weight of {weight.numel()} for rows of {res.shape[-1]}")
+        out = torch.empty_like(res)
+        self._norm(None, 0, res.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(),
+                   res.numel() // res.shape[-1], res.shape[-1], eps)
+        return out
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rms_norm(x + residual), x + residual)``; the sum is written into ``residual``
+        (in place when it is contiguous), which the model never reads again otherwise."""
+        self._check(x, residual, weight)
+        if x.shape != residual.shape:
+            raise ValueError(f"shapes differ: {tuple(x.shape)} and {tuple(residual.shape)}")
+        if weight.numel() != x.shape[-1]:
+            raise ValueError(f"norm weight of {weight.numel()} for rows of {x.shape[-1]}")
+        res = residual.contiguous()
+        xr, x_stride = self._rows(x)
+        out = torch.empty_like(res)
+        self._norm(xr.data_ptr(), x_stride, res.data_ptr(), weight.contiguous().data_ptr(),
+                   out.data_ptr(), xr.shape[0], res.shape[-1], eps)
+        return out, res
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        self._check(gate_up)
+        gu = gate_up.contiguous()
+        if gu.shape[-1] % 2:
+            raise ValueError(f"gate/up rows of odd width {gu.shape[-1]}")
+        inter = gu.shape[-1] // 2
+        out = torch.empty(*gu.shape[:-1], inter, dtype=gu.dtype)
+        self._silu(gu.data_ptr(), out.data_ptr(), gu.numel() // gu.shape[-1], inter)
+        return out
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[T, heads, D]`` (heads contiguous within a token; tokens may be strided),
+        cos/sin ``[T, 1, D]``."""
+        self._check(x, cos, sin)
+        tokens, heads, head_dim = x.shape
+        if x.stride(2) != 1 or x.stride(1) != head_dim:
+            x = x.contiguous()
+        if (head_dim % 2 or cos.shape[0] != tokens or cos.shape[-1] != head_dim
+                or cos.numel() != tokens * head_dim or sin.shape != cos.shape):
+            raise ValueError(f"cos/sin {tuple(cos.shape)} do not fit x {tuple(x.shape)}")
+        cos, sin = cos.contiguous(), sin.contiguous()
+        out = torch.empty(tokens, heads, head_dim, dtype=x.dtype)
+        self._rotary(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+                     tokens, heads, head_dim)
+        return out
+
+
+@functools.cache
+def load_layer_ops() -> LayerOpsKernel | None:
+    """The compiled layer ops, or None (logged once) where they cannot be built here."""
+    try:
+        return LayerOpsKernel(ctypes.CDLL(str(compile_shared(LAYER_OPS_SOURCE))))
+    except (OSError, RuntimeError) as exc:
+        log.warning("CPU layer-op kernels unavailable, the layers' element-wise ops stay on "
+                    "torch: %s", exc)
         return None

@@ -1,10 +1,13 @@
-"""The element-wise pieces of a decoder layer, eager or fused by ``torch.compile``.
+"""The element-wise pieces of a decoder layer: eager, fused by ``torch.compile`` (CUDA), or
+in C (CPU fp32, :func:`cpu_kernel_ops`).
 
 A decode step of a small model at batch 1 is a few hundred kernels, most of them tiny
 element-wise ones (residual adds, norms, the rotary rotation, SiLU * up) that each cost a launch
 slot of a few microseconds even inside a CUDA graph. Inductor fuses each function below into one
-kernel; matmuls and attention stay as they are. The functions are the same math either way, so
-the CPU path (eager) keeps bitwise parity with the reference.
+kernel; matmuls and attention stay as they are. On CPU the same dispatch cost per op is paid
+without a launch queue to hide it, so each function there is one C call (see
+``cpu_kernels/layer_ops.c``; the rotation is bitwise torch's, the norm and SiLU within a few
+ulp).
 """
 
 from __future__ import annotations
@@ -85,3 +88,14 @@ def compiled_ops() -> LayerOps:
     """The same functions through Inductor (CUDA: one Triton kernel each); one set per
     process, so every engine in it shares the compiled kernels."""
     return LayerOps(*(_FallbackCompiled(getattr(EAGER_OPS, f.name)) for f in fields(LayerOps)))
+
+
+def cpu_kernel_ops() -> LayerOps | None:
+    """The functions as C kernels for fp32 CPU tensors, or None where they cannot be built
+    (no C compiler): the caller keeps the eager ones."""
+    from slaq.gpu_workers.engine.cpu_kernels import load_layer_ops
+
+    kernel = load_layer_ops()
+    if kernel is None:
+        return None
+    return LayerOps(kernel.rms_norm, kernel.add_rms_norm, kernel.silu_mul, kernel.rotary)

@@ -1,0 +1,173 @@
+/* A decoder layer's element-wise ops for CPU (fp32), compiled at first use by
+ * cpu_kernels/__init__.py: the residual add with the RMSNorm after it, SiLU(gate) * up, and
+ * the rotary rotation of the query and key heads.
+ *
+ * Why: at decode's few rows each of these is a chain of torch ops over a few kilobytes, and a
+ * CPU decode step of SmolLM2 (30 layers) spent more time dispatching them than computing
+ * them. Here each is one call, one pass over its rows; rows are split across torch's OpenMP
+ * threads only when there is enough work to pay for the fork.
+ *
+ * Rounding. The rotation is the reference's arithmetic, x * cos + rotate_half(x) * sin, each
+ * product and the sum rounded once (no fused multiply-add: C11 mode keeps -ffp-contract off),
+ * so it matches torch bitwise. The norm's sum of squares and SiLU's exponential round
+ * differently from torch's kernels, within a few ulp, as two BLAS libraries' matmuls do.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Floats a call must touch before it is split across threads: below this the fork and join
+ * of torch's OpenMP team cost more than the second core saves. */
+#define PARALLEL_MIN_FLOATS 32768
+
+/* e^x in fp32 over the whole range: x = n ln2 + r, e^r by a degree-6 polynomial (the same as
+ * paged_decode.c's), 2^n through the exponent bits. Inputs are clamped to [-87, 88], where
+ * both e^x and 2^n stay normal floats; SiLU, its only caller here, tends to x or 0 well
+ * inside that range. The vector versions below take the same steps in the same order
+ * (products and sums rounded apart, no fused multiply-add), so every lane agrees with this
+ * one bit for bit. */
+#define EXP_LO -87.0f
+#define EXP_HI 88.0f
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693359375f
+#define LN2_LO -2.12194440e-4f
+static const float EXP_C[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+static inline float exp_clamped(float x) {
+    /* Written so that a NaN passes through: comparisons with NaN are false. */
+    x = x < EXP_LO ? EXP_LO : (x > EXP_HI ? EXP_HI : x);
+    const float n = floorf(x * LOG2E + 0.5f);
+    const float r = (x - n * LN2_HI) - n * LN2_LO;
+    float p = EXP_C[0];
+    for (int i = 1; i < 6; i++) p = p * r + EXP_C[i];
+    p = (p * (r * r) + r) + 1.0f;
+    union { float f; int32_t i; } scale;
+    scale.i = ((int32_t)n + 127) << 23;
+    return p * scale.f;
+}
+
+static inline float silu_times(float g, float u) { return g / (1.0f + exp_clamped(-g)) * u; }
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* silu(g) * u on sixteen lanes. */
+static inline __m512 silu_times16(__m512 g, __m512 u) {
+    __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), g);
+    /* max/min return their second operand when either is NaN: NaN stays NaN. */
+    x = _mm512_min_ps(_mm512_set1_ps(EXP_HI), _mm512_max_ps(_mm512_set1_ps(EXP_LO), x));
+    const __m512 n = _mm512_roundscale_ps(
+        _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _mm512_set1_ps(0.5f)),
+        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(LN2_HI)));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(LN2_LO)));
+    __m512 p = _mm512_set1_ps(EXP_C[0]);
+    for (int i = 1; i < 6; i++)
+        p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(EXP_C[i]));
+    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r),
+                      _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const __m512 ex = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), ex)), u);
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+/* silu(g) * u on eight lanes. */
+static inline __m256 silu_times8(__m256 g, __m256 u) {
+    __m256 x = _mm256_sub_ps(_mm256_setzero_ps(), g);
+    x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), _mm256_max_ps(_mm256_set1_ps(EXP_LO), x));
+    const __m256 n = _mm256_floor_ps(
+        _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)));
+    __m256 p = _mm256_set1_ps(EXP_C[0]);
+    for (int i = 1; i < 6; i++)
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(EXP_C[i]));
+    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r),
+                      _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 ex = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), ex)), u);
+}
+#endif
+
+/* residual[r] += x[r] (x's rows x_stride floats apart), then
+ * out[r] = weight * (residual[r] / sqrt(mean(residual[r]^2) + eps)). With x NULL, only the
+ * norm. residual and out: contiguous [rows, dim]. */
+void add_rms_norm(const float *x, int64_t x_stride, float *residual, const float *weight,
+                  float *out, int64_t rows, int64_t dim, float eps) {
+#pragma omp parallel for if (rows * dim >= PARALLEL_MIN_FLOATS) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float *res = residual + r * dim;
+        float sum = 0.0f;
+        if (x != NULL) {
+            const float *xr = x + r * x_stride;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t d = 0; d < dim; d++) {
+                const float s = res[d] + xr[d];
+                res[d] = s;
+                sum += s * s;
+            }
+        } else {
+#pragma omp simd reduction(+ : sum)
+            for (int64_t d = 0; d < dim; d++) sum += res[d] * res[d];
+        }
+        const float inv = 1.0f / sqrtf(sum / (float)dim + eps);
+        float *o = out + r * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; d++) o[d] = weight[d] * (res[d] * inv);
+    }
+}
+
+/* out[r, j] = silu(gate_up[r, j]) * gate_up[r, inter + j]; gate_up [rows, 2 * inter] and
+ * out [rows, inter], both contiguous. */
+void silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inter) {
+#pragma omp parallel for if (rows * inter >= PARALLEL_MIN_FLOATS) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * 2 * inter;
+        const float *u = g + inter;
+        float *o = out + r * inter;
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        for (; j + 16 <= inter; j += 16)
+            _mm512_storeu_ps(o + j, silu_times16(_mm512_loadu_ps(g + j), _mm512_loadu_ps(u + j)));
+#elif defined(__AVX2__)
+        for (; j + 8 <= inter; j += 8)
+            _mm256_storeu_ps(o + j, silu_times8(_mm256_loadu_ps(g + j), _mm256_loadu_ps(u + j)));
+#endif
+        for (; j < inter; j++) o[j] = silu_times(g[j], u[j]);
+    }
+}
+
+/* out[t, h] = x[t, h] * cos[t] + rotate_half(x[t, h]) * sin[t] for the first `heads` heads
+ * of each token; x's tokens are x_stride floats apart (a view of the fused q/k/v
+ * projection), out is contiguous [tokens, heads, head_dim], cos and sin contiguous
+ * [tokens, head_dim] (the rows of the tokens' positions). */
+void rotary(const float *x, int64_t x_stride, const float *cos_rows, const float *sin_rows,
+            float *out, int64_t tokens, int64_t heads, int64_t head_dim) {
+    const int64_t half = head_dim / 2;
+#pragma omp parallel for if (tokens * heads * head_dim >= PARALLEL_MIN_FLOATS) \
+    schedule(static)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *c = cos_rows + t * head_dim;
+        const float *s = sin_rows + t * head_dim;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *xh = x + t * x_stride + h * head_dim;
+            float *o = out + (t * heads + h) * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < half; d++) {
+                const float a = xh[d] * c[d];
+                const float b = -xh[d + half] * s[d];
+                o[d] = a + b;
+            }
+#pragma omp simd
+            for (int64_t d = half; d < head_dim; d++) {
+                const float a = xh[d] * c[d];
+                const float b = xh[d - half] * s[d];
+                o[d] = a + b;
+            }
+        }
+    }
+}
