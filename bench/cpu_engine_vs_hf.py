@@ -16,9 +16,9 @@ math mode (where the CPU has it and a probe finds it accurate; the option is ref
 ``--with-unpacked`` with plain ``F.linear``, ``--with-copy`` / ``--with-gather`` with the decode
 attention on the contiguous K/V copy / on blocks gathered every step instead of the C paged
 kernel, ``--with-torch-ops`` with each layer's element-wise ops in torch instead of the C
-layer-op kernels, ``--hf-bf16`` HF under oneDNN's bf16 math mode: all in the same rounds, so what each
-piece gives is measured beside the headline. Both sides run in this process, so both get the
-huge pages slaq turns on.
+layer-op kernels, ``--hf-bf16`` HF under oneDNN's bf16 math mode: all in the same rounds, so
+what each piece gives is measured beside the headline. Both sides run in this process, so both
+get the huge pages slaq turns on.
 """
 
 from __future__ import annotations

@@ -34,6 +34,16 @@ def test_norms_match_torch(rows):
     torch.testing.assert_close(got_norm, want_norm, rtol=2e-6, atol=2e-6)
 
 
+def test_a_strided_norm_weight_is_copied_and_kept_for_the_call():
+    x, res = _rand(4, 576, seed=10), _rand(4, 576, seed=11)
+    w = _rand(2 * 576, seed=12)[::2]  # not contiguous: the wrapper must hold its copy
+    want = EAGER_OPS.add_rms_norm(x, res.clone(), w, 1e-5)
+    for got, exp in zip(KERNEL.add_rms_norm(x, res.clone(), w, 1e-5), want, strict=True):
+        torch.testing.assert_close(got, exp, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(KERNEL.rms_norm(x, w, 1e-5), EAGER_OPS.rms_norm(x, w, 1e-5),
+                               rtol=2e-6, atol=2e-6)
+
+
 def test_add_rms_norm_takes_a_strided_input():
     x = _rand(5, 2 * 64, seed=4)[:, :64]  # rows 128 floats apart
     res, w = _rand(5, 64, seed=5), _rand(64, seed=6)
@@ -43,19 +53,36 @@ def test_add_rms_norm_takes_a_strided_input():
         torch.testing.assert_close(g, e, rtol=2e-6, atol=2e-6)
 
 
+EXTREME_GATES = [0.0, -100.0, 100.0, -88.5, 30.0, -1e-30, 87.5, -86.9, -88.0]
+
+
 @pytest.mark.parametrize("rows", [1, 3, 64])
 def test_silu_mul_matches_torch(rows):
     gate_up = _rand(rows, 2 * 1536, seed=rows, scale=4.0)
-    # The tails of the exponential: SiLU tends to x above and to -0 below.
-    gate_up[0, :6] = torch.tensor([0.0, -100.0, 100.0, -88.5, 30.0, -1e-30])
+    # The ends of the exponential's range: SiLU tends to x above and to -0 below (from a
+    # gate of -88.38 the kernel's e^-g is +inf; torch's from -88.72, a few 1e-37 apart).
+    gate_up[0, :len(EXTREME_GATES)] = torch.tensor(EXTREME_GATES)
     torch.testing.assert_close(KERNEL.silu_mul(gate_up), EAGER_OPS.silu_mul(gate_up.clone()),
-                               rtol=3e-6, atol=1e-30)
+                               rtol=3e-6, atol=1e-35)
 
 
-def test_silu_mul_keeps_nan():
-    gate_up = torch.zeros(1, 4)
-    gate_up[0, 0] = float("nan")
-    assert torch.isnan(KERNEL.silu_mul(gate_up)[0, 0])
+def test_silu_vector_lanes_and_scalar_tail_agree_bit_for_bit():
+    # 1,541 gates a row: the vector loop covers the first 1,536, plain C the last 5.
+    inter = 1541
+    gate_up = _rand(2, 2 * inter, seed=9, scale=6.0)
+    for col, value in enumerate(EXTREME_GATES[:5]):
+        gate_up[:, col] = gate_up[:, 1536 + col] = value
+    gate_up[:, inter:inter + 5] = gate_up[:, inter + 1536:]
+    out = KERNEL.silu_mul(gate_up)
+    assert torch.equal(out[:, :5], out[:, 1536:])
+
+
+def test_silu_mul_keeps_nan_in_vector_lanes_and_tail():
+    gate_up = torch.ones(1, 2 * 35)
+    gate_up[0, 3] = gate_up[0, 33] = float("nan")  # a vector lane and the scalar tail
+    out = KERNEL.silu_mul(gate_up)
+    assert torch.isnan(out[0, 3]) and torch.isnan(out[0, 33])
+    assert torch.isfinite(out[0, :3]).all() and torch.isfinite(out[0, 4:33]).all()
 
 
 @pytest.mark.parametrize("tokens", [1, 9, 70])
@@ -105,3 +132,11 @@ def test_shapes_the_c_side_would_misread_are_refused():
         KERNEL.rms_norm(torch.zeros(2, 8), torch.ones(16), 1e-6)
     with pytest.raises(ValueError, match="do not fit"):
         KERNEL.rotary(torch.zeros(2, 3, 8), torch.zeros(2, 2, 8), torch.zeros(2, 2, 8))
+    with pytest.raises(ValueError, match="norm weight"):
+        KERNEL.rms_norm(torch.zeros(2, 8), torch.ones(1, 8), 1e-6)
+    with pytest.raises(ValueError, match="take rows"):
+        KERNEL.silu_mul(torch.zeros(2, 0))
+    with pytest.raises(ValueError, match="take rows"):
+        KERNEL.rms_norm(torch.tensor(1.0), torch.ones(1), 1e-6)
+    with pytest.raises(ValueError, match="rotary takes"):
+        KERNEL.rotary(torch.zeros(2, 8), torch.zeros(2, 1, 8), torch.zeros(2, 1, 8))

@@ -1,20 +1,24 @@
-"""CPU kernels in C, compiled on first use with the machine's C compiler and called via ctypes.
+"""CPU kernels in C, compiled on first use with the machine's C compiler and called via ctypes:
+the paged decode attention (``paged_decode.c``) and a layer's element-wise ops
+(``layer_ops.c``, :class:`LayerOpsKernel`; why they are in C is said there).
 
-Why C: the CPU decode attention is a scan over each sequence's keys and values with a few
-query rows per K/V head. Expressed in torch (batched matmuls, SDPA) it needs the K/V gathered
-or kept contiguous first (``decode_cache``), and MKL and the flash kernel run such thin
-matmuls well below the memory's bandwidth. A loop over the block table reads the K/V in place
-from the paged pool, each row only up to its length. No maintained library ships such a
-kernel for torch's CPU builds.
+Why C for the attention: the CPU decode attention is a scan over each sequence's keys and
+values with a few query rows per K/V head. Expressed in torch (batched matmuls, SDPA) it needs
+the K/V gathered or kept contiguous first (``decode_cache``), and MKL and the flash kernel run
+such thin matmuls well below the memory's bandwidth. A loop over the block table reads the K/V
+in place from the paged pool, each row only up to its length. No maintained library ships
+such a kernel for torch's CPU builds.
 
-Why at first use: ``-march=native`` fits the kernel to the CPU it runs on, and a compile
-takes under a second. The shared object is cached under ``SLAQ_KERNEL_CACHE`` (default
+Why at first use: ``-march=native`` fits a kernel to the CPU it runs on, and a compile takes
+under a second. The shared object is cached under ``SLAQ_KERNEL_CACHE`` (default
 ``~/.cache/slaq/kernels``), keyed by the source, the flags, the compiler and the CPU. Where no
-compiler works, :func:`load_paged_decode` returns None and the caller keeps its torch path.
-The kernel links OpenMP. Where torch's own OpenMP runtime is GNU's ``libgomp.so.1`` (the
-pip wheels for Linux), the loader finds it already in the process, so the kernel runs on
-torch's threads and honours ``torch.set_num_threads``; a torch built on another runtime
-would leave the kernel a second thread pool of the system's default size.
+compiler works, :func:`load_paged_decode` and :func:`load_layer_ops` return None and the
+callers keep their torch paths.
+
+The kernels link OpenMP. Where torch's own OpenMP runtime is GNU's ``libgomp.so.1`` (the pip
+wheels for Linux), the loader finds it already in the process, so the kernels run on torch's
+threads and honour ``torch.set_num_threads``; a torch built on another runtime would leave
+them a second thread pool of the system's default size.
 """
 
 from __future__ import annotations
@@ -197,7 +201,8 @@ def load_paged_decode() -> PagedDecodeKernel | None:
 
 class LayerOpsKernel:
     """A decoder layer's element-wise ops in C (fp32, CPU); see ``layer_ops.c``. Each call
-    takes what the torch version takes and checks what the C side trusts."""
+    takes what the model passes the torch version (cos/sin already one row per token, not
+    broadcast) and refuses, with a ValueError, anything the C side would misread."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -216,6 +221,15 @@ class LayerOpsKernel:
         for t in tensors:
             if not t.is_cpu or t.dtype != torch.float32:
                 raise ValueError("the layer-op kernels take fp32 CPU tensors")
+            if t.dim() == 0 or t.shape[-1] == 0:
+                raise ValueError(f"the layer-op kernels take rows, got shape {tuple(t.shape)}")
+
+    @staticmethod
+    def _norm_weight(weight: torch.Tensor, dim: int) -> torch.Tensor:
+        # F.rms_norm normalises over as many trailing dims as the weight has: only 1 maps.
+        if weight.dim() != 1 or weight.numel() != dim:
+            raise ValueError(f"norm weight of shape {tuple(weight.shape)} for rows of {dim}")
+        return weight.contiguous()
 
     @staticmethod
     def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -228,10 +242,10 @@ class LayerOpsKernel:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         self._check(x, weight)
         res = x.contiguous()
-        if weight.numel() != res.shape[-1]:
-            raise ValueError(f"norm weight of {weight.numel()} for rows of {res.shape[-1]}")
+        # Held in a name: a temporary's memory would be freed before the C call reads it.
+        w = self._norm_weight(weight, res.shape[-1])
         out = torch.empty_like(res)
-        self._norm(None, 0, res.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(),
+        self._norm(None, 0, res.data_ptr(), w.data_ptr(), out.data_ptr(),
                    res.numel() // res.shape[-1], res.shape[-1], eps)
         return out
 
@@ -242,13 +256,12 @@ class LayerOpsKernel:
         self._check(x, residual, weight)
         if x.shape != residual.shape:
             raise ValueError(f"shapes differ: {tuple(x.shape)} and {tuple(residual.shape)}")
-        if weight.numel() != x.shape[-1]:
-            raise ValueError(f"norm weight of {weight.numel()} for rows of {x.shape[-1]}")
+        w = self._norm_weight(weight, x.shape[-1])
         res = residual.contiguous()
         xr, x_stride = self._rows(x)
         out = torch.empty_like(res)
-        self._norm(xr.data_ptr(), x_stride, res.data_ptr(), weight.contiguous().data_ptr(),
-                   out.data_ptr(), xr.shape[0], res.shape[-1], eps)
+        self._norm(xr.data_ptr(), x_stride, res.data_ptr(), w.data_ptr(), out.data_ptr(),
+                   xr.shape[0], res.shape[-1], eps)
         return out, res
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -257,7 +270,7 @@ class LayerOpsKernel:
         if gu.shape[-1] % 2:
             raise ValueError(f"gate/up rows of odd width {gu.shape[-1]}")
         inter = gu.shape[-1] // 2
-        out = torch.empty(*gu.shape[:-1], inter, dtype=gu.dtype)
+        out = torch.empty(*gu.shape[:-1], inter, dtype=gu.dtype, device=gu.device)
         self._silu(gu.data_ptr(), out.data_ptr(), gu.numel() // gu.shape[-1], inter)
         return out
 
@@ -265,6 +278,8 @@ class LayerOpsKernel:
         """``x`` ``[T, heads, D]`` (heads contiguous within a token; tokens may be strided),
         cos/sin ``[T, 1, D]``."""
         self._check(x, cos, sin)
+        if x.dim() != 3:
+            raise ValueError(f"rotary takes [tokens, heads, head_dim], got {tuple(x.shape)}")
         tokens, heads, head_dim = x.shape
         if x.stride(2) != 1 or x.stride(1) != head_dim:
             x = x.contiguous()
@@ -272,7 +287,7 @@ class LayerOpsKernel:
                 or cos.numel() != tokens * head_dim or sin.shape != cos.shape):
             raise ValueError(f"cos/sin {tuple(cos.shape)} do not fit x {tuple(x.shape)}")
         cos, sin = cos.contiguous(), sin.contiguous()
-        out = torch.empty(tokens, heads, head_dim, dtype=x.dtype)
+        out = torch.empty(tokens, heads, head_dim, dtype=x.dtype, device=x.device)
         self._rotary(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
                      tokens, heads, head_dim)
         return out
@@ -282,8 +297,11 @@ class LayerOpsKernel:
 def load_layer_ops() -> LayerOpsKernel | None:
     """The compiled layer ops, or None (logged once) where they cannot be built here."""
     try:
-        return LayerOpsKernel(ctypes.CDLL(str(compile_shared(LAYER_OPS_SOURCE))))
-    except (OSError, RuntimeError) as exc:
+        # No contraction into multiply-adds whatever the compiler's default (clang's is on):
+        # the rotation must round as torch's does (see layer_ops.c).
+        path = compile_shared(LAYER_OPS_SOURCE, (*FLAGS, "-ffp-contract=off"))
+        return LayerOpsKernel(ctypes.CDLL(str(path)))
+    except (OSError, RuntimeError, AttributeError) as exc:
         log.warning("CPU layer-op kernels unavailable, the layers' element-wise ops stay on "
                     "torch: %s", exc)
         return None

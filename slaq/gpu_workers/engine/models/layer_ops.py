@@ -52,7 +52,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, slots=True)
 class LayerOps:
-    """The element-wise functions a decoder layer calls."""
+    """The element-wise functions a decoder layer calls.
+
+    ``add_rms_norm(x, residual, ...)`` may write the sum into ``residual`` (the C kernels do):
+    a caller must not read ``residual`` afterwards except through the returned tensor."""
 
     rms_norm: Callable[..., torch.Tensor]
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -93,6 +96,8 @@ def compiled_ops() -> LayerOps:
 def cpu_kernel_ops() -> LayerOps | None:
     """The functions as C kernels for fp32 CPU tensors, or None where they cannot be built
     (no C compiler): the caller keeps the eager ones."""
+    # Imported on use: every model imports this module, and CUDA engines never need the
+    # C loader.
     from slaq.gpu_workers.engine.cpu_kernels import load_layer_ops
 
     kernel = load_layer_ops()
