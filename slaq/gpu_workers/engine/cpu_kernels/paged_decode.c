@@ -33,7 +33,9 @@
  * sequential one took 16. With these hints the kernel went from 33-37 ms to 25-26 ms with
  * block tables in pool order and from 40-43 ms to 30 ms with shuffled ones (batch 32,
  * contexts 64-639, 30 layers' pools). Slower were: the whole next block at once, two blocks
- * ahead, a locality-3 hint (into L1), and passes that read each token's row whole. */
+ * ahead, a locality-3 hint (into L1), and passes that read each token's row whole. On stop
+ * 15's Cascade Lake Xeon, blocks laid out head-major (each pass reading in order) ran no
+ * faster than these (35.5 against 35.6 ms, same batch), at 73% of a plain sum's bandwidth. */
 static inline void prefetch_block(const float *block, int64_t num_floats) {
     const char *bytes = (const char *)block;
     for (int64_t off = 0; off < num_floats * (int64_t)sizeof(float); off += 64)
