@@ -29,9 +29,9 @@
  * paged_decode.c's), 2^n through the exponent bits. Inputs are clamped to [-87, 89]: e^-87
  * is still a normal float, and from x = 88.38 on n is 128, whose exponent bits are +inf's,
  * as e^x overflows to +inf from 88.72 (so SiLU of a gate below -88.72 is -0, as torch's). A
- * NaN becomes the lower bound; SiLU's division by the result keeps its NaN. The vector versions below take the same steps in the same order
- * (products and sums rounded apart, no fused multiply-add), so every lane agrees with this
- * one bit for bit. */
+ * NaN becomes the lower bound; SiLU's division by the result keeps its NaN. The vector
+ * versions below take the same steps in the same order (products and sums rounded apart, no
+ * fused multiply-add), so every lane agrees with this one bit for bit. */
 #define EXP_LO -87.0f
 #define EXP_HI 89.0f
 #define LOG2E 1.44269504088896341f
