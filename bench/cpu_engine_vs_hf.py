@@ -113,8 +113,8 @@ def main() -> None:
         variants["unpacked"] = build_engine(cfg, "eager", args.batch, _num_blocks(cfg), "ieee")
         unpack_linears(variants["unpacked"].runner.model)
     if args.with_torch_ops:
-        variants["torch_ops"] = build_engine(cfg, "eager", args.batch, _num_blocks(cfg))
-        variants["torch_ops"].runner.model.ops = EAGER_OPS
+        variants["torch_ops"] = build_engine(cfg, "eager", args.batch, _num_blocks(cfg),
+                                             fuse_layer_ops=False)
     for other in variants.values():
         run_ours(other, prompts[:2], 4, "cpu")
     run_hf(hf_model, prompts[:2], 2, "cpu")  # warm up both

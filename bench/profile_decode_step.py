@@ -46,9 +46,8 @@ def main() -> None:
     prompts = _prompts(cfg, args.batch, 49152, cfg.seed + args.batch)
     engine = build_engine(cfg, "eager", args.batch, _num_blocks(cfg),
                           cpu_matmul_precision=args.matmul_precision,
-                          cpu_decode_attention=args.decode_attention)
-    if args.torch_ops:
-        engine.runner.model.ops = EAGER_OPS
+                          cpu_decode_attention=args.decode_attention,
+                          fuse_layer_ops=not args.torch_ops)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)

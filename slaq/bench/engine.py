@@ -151,7 +151,8 @@ def _free_memory(device: str) -> None:
 
 
 def build_engine(cfg: EngineBenchConfig, runner: str, max_num_seqs: int, num_blocks: int,
-                 cpu_matmul_precision: str = "ieee", cpu_decode_attention: str = "auto") -> Any:
+                 cpu_matmul_precision: str = "ieee", cpu_decode_attention: str = "auto",
+                 fuse_layer_ops: bool = True) -> Any:
     from slaq.gpu_workers.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from slaq.gpu_workers.engine.llm_engine import LLMEngine
     from slaq.gpu_workers.engine.loader import load_model_config
@@ -168,7 +169,8 @@ def build_engine(cfg: EngineBenchConfig, runner: str, max_num_seqs: int, num_blo
                           enable_prefix_caching=False),
         use_cuda_graphs=runner.startswith("graphs"), cpu_matmul_precision=cpu_matmul_precision,
         cpu_decode_attention=cpu_decode_attention,
-        **_RUNNER_OPTIONS.get(runner, {}))
+        # A runner's own options (graphs-plain turns fusing off) win.
+        **{"fuse_layer_ops": fuse_layer_ops, **_RUNNER_OPTIONS.get(runner, {})})
     if runner == "eager":
         return LLMEngine(config)
     from slaq.gpu_workers.engine.cuda_graphs import CudaGraphModelRunner

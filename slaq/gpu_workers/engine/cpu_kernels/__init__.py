@@ -11,9 +11,9 @@ such a kernel for torch's CPU builds.
 
 Why at first use: ``-march=native`` fits a kernel to the CPU it runs on, and a compile takes
 under a second. The shared object is cached under ``SLAQ_KERNEL_CACHE`` (default
-``~/.cache/slaq/kernels``), keyed by the source, the flags, the compiler and the CPU. Where no
-compiler works, :func:`load_paged_decode` and :func:`load_layer_ops` return None and the
-callers keep their torch paths.
+``~/.cache/slaq/kernels``), keyed by the source and the headers beside it, the flags, the
+compiler and the CPU. Where no compiler works, :func:`load_paged_decode` and
+:func:`load_layer_ops` return None and the callers keep their torch paths.
 
 The kernels link OpenMP. Where torch's own OpenMP runtime is GNU's ``libgomp.so.1`` (the pip
 wheels for Linux), the loader finds it already in the process, so the kernels run on torch's
@@ -101,8 +101,10 @@ def compile_shared(source: Path, flags: tuple[str, ...] = FLAGS) -> Path:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     try:
         version = _run([*cc, "--version"]).stdout
-        key = hashlib.sha256("\0".join([source.read_text(), shlex.join(cc), " ".join(flags),
-                                        version, _cpu_signature()]).encode()).hexdigest()[:16]
+        # The headers beside the source are part of what it compiles from (exp_poly.h).
+        texts = [f.read_text() for f in (source, *sorted(source.parent.glob("*.h")))]
+        key = hashlib.sha256("\0".join([*texts, shlex.join(cc), " ".join(flags), version,
+                                        _cpu_signature()]).encode()).hexdigest()[:16]
         out = kernel_cache_dir() / f"{source.stem}-{key}.so"
         if out.exists():
             return out

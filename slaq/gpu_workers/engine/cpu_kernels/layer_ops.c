@@ -19,26 +19,23 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "exp_poly.h"
+
 #pragma STDC FP_CONTRACT OFF
 
 /* Floats a call must touch before it is split across threads: below this the fork and join
  * of torch's OpenMP team cost more than the other threads save. */
 #define PARALLEL_MIN_FLOATS 32768
 
-/* e^x in fp32 over the whole range: x = n ln2 + r, e^r by a degree-6 polynomial (the same as
- * paged_decode.c's), 2^n through the exponent bits. Inputs are clamped to [-87, 89]: e^-87
+/* e^x in fp32 over the whole range (see exp_poly.h). Inputs are clamped to [-87, 89]: e^-87
  * is still a normal float, and from x = 88.38 on n is 128, whose exponent bits are +inf's,
  * as e^x overflows to +inf from 88.72 (so SiLU of a gate below -88.72 is -0, as torch's). A
  * NaN becomes the lower bound; SiLU's division by the result keeps its NaN. The vector
- * versions below take the same steps in the same order (products and sums rounded apart, no
+ * version below takes the same steps in the same order (products and sums rounded apart, no
  * fused multiply-add), so every lane agrees with this one bit for bit. */
 #define EXP_LO -87.0f
 #define EXP_HI 89.0f
-#define LOG2E 1.44269504088896341f
-#define LN2_HI 0.693359375f
-#define LN2_LO -2.12194440e-4f
-static const float EXP_C[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+static const float EXP_C[6] = {EXP_C6, EXP_C5, EXP_C4, EXP_C3, EXP_C2, EXP_C1};
 
 static inline float exp_clamped(float x) {
     /* fmaxf returns its other operand for a NaN: the conversion to int below stays defined. */
@@ -55,48 +52,47 @@ static inline float exp_clamped(float x) {
 
 static inline float silu_times(float g, float u) { return g / (1.0f + exp_clamped(-g)) * u; }
 
-#if defined(__AVX512F__)
+/* One vector body for AVX-512 (16 lanes) and AVX2 (8): V(op) names the width's intrinsic,
+ * v_floor and v_pow2 the two steps whose intrinsics differ by more than the prefix. */
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
-/* silu(g) * u on sixteen lanes. */
-static inline __m512 silu_times16(__m512 g, __m512 u) {
-    __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), g);
+#if defined(__AVX512F__)
+#define LANES 16
+typedef __m512 vfloat;
+#define V(op) _mm512_##op
+static inline vfloat v_floor(vfloat x) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+}
+/* 2^n for integral n, through the exponent bits. */
+static inline vfloat v_pow2(vfloat n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+#else
+#define LANES 8
+typedef __m256 vfloat;
+#define V(op) _mm256_##op
+static inline vfloat v_floor(vfloat x) { return _mm256_floor_ps(x); }
+static inline vfloat v_pow2(vfloat n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+#endif
+
+/* silu(g) * u on LANES lanes: exp_clamped's steps and silu_times's. */
+static inline vfloat silu_times_v(vfloat g, vfloat u) {
+    vfloat x = V(sub_ps)(V(setzero_ps)(), g);
     /* max/min return their second operand when either is NaN: a NaN becomes EXP_LO, as in
      * exp_clamped. */
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_LO)), _mm512_set1_ps(EXP_HI));
-    const __m512 n = _mm512_roundscale_ps(
-        _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _mm512_set1_ps(0.5f)),
-        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(LN2_HI)));
-    r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(LN2_LO)));
-    __m512 p = _mm512_set1_ps(EXP_C[0]);
-    for (int i = 1; i < 6; i++)
-        p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(EXP_C[i]));
-    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r),
-                      _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_slli_epi32(
-        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    const __m512 ex = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), ex)), u);
-}
-#elif defined(__AVX2__)
-#include <immintrin.h>
-/* silu(g) * u on eight lanes. */
-static inline __m256 silu_times8(__m256 g, __m256 u) {
-    __m256 x = _mm256_sub_ps(_mm256_setzero_ps(), g);
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(EXP_LO)), _mm256_set1_ps(EXP_HI));
-    const __m256 n = _mm256_floor_ps(
-        _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI)));
-    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)));
-    __m256 p = _mm256_set1_ps(EXP_C[0]);
-    for (int i = 1; i < 6; i++)
-        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(EXP_C[i]));
-    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r),
-                      _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const __m256 ex = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), ex)), u);
+    x = V(min_ps)(V(max_ps)(x, V(set1_ps)(EXP_LO)), V(set1_ps)(EXP_HI));
+    const vfloat n = v_floor(V(add_ps)(V(mul_ps)(x, V(set1_ps)(LOG2E)), V(set1_ps)(0.5f)));
+    vfloat r = V(sub_ps)(x, V(mul_ps)(n, V(set1_ps)(LN2_HI)));
+    r = V(sub_ps)(r, V(mul_ps)(n, V(set1_ps)(LN2_LO)));
+    vfloat p = V(set1_ps)(EXP_C[0]);
+    for (int i = 1; i < 6; i++) p = V(add_ps)(V(mul_ps)(p, r), V(set1_ps)(EXP_C[i]));
+    p = V(add_ps)(V(add_ps)(V(mul_ps)(p, V(mul_ps)(r, r)), r), V(set1_ps)(1.0f));
+    const vfloat ex = V(mul_ps)(p, v_pow2(n));
+    return V(mul_ps)(V(div_ps)(g, V(add_ps)(V(set1_ps)(1.0f), ex)), u);
 }
 #endif
 
@@ -137,12 +133,9 @@ void silu_mul(const float *gate_up, float *out, int64_t rows, int64_t inter) {
         const float *u = g + inter;
         float *o = out + r * inter;
         int64_t j = 0;
-#if defined(__AVX512F__)
-        for (; j + 16 <= inter; j += 16)
-            _mm512_storeu_ps(o + j, silu_times16(_mm512_loadu_ps(g + j), _mm512_loadu_ps(u + j)));
-#elif defined(__AVX2__)
-        for (; j + 8 <= inter; j += 8)
-            _mm256_storeu_ps(o + j, silu_times8(_mm256_loadu_ps(g + j), _mm256_loadu_ps(u + j)));
+#if defined(LANES)
+        for (; j + LANES <= inter; j += LANES)
+            V(storeu_ps)(o + j, silu_times_v(V(loadu_ps)(g + j), V(loadu_ps)(u + j)));
 #endif
         for (; j < inter; j++) o[j] = silu_times(g[j], u[j]);
     }

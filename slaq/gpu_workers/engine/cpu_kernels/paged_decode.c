@@ -19,6 +19,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "exp_poly.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -42,19 +44,10 @@ static inline void prefetch_block(const float *block, int64_t num_floats) {
         __builtin_prefetch(bytes + off, 0, 1);
 }
 
-/* e^x for x <= 0, within 1 ulp of expf over [-87, 0]: x = n ln2 + r, e^r by a degree-6
- * polynomial, 2^n through the exponent bits. Inputs below -87 (and -inf) give e^-87, about
- * 1.6e-38: still a normal float, and nothing beside the row's maximum (which gives 1). */
+/* e^x for x <= 0, within 1 ulp of expf over [-87, 0] (see exp_poly.h). Inputs below -87 (and
+ * -inf) give e^-87, about 1.6e-38: still a normal float, and nothing beside the row's maximum
+ * (which gives 1). */
 #define EXP_FLOOR -87.0f
-#define LOG2E 1.44269504088896341f
-#define LN2_HI 0.693359375f
-#define LN2_LO -2.12194440e-4f
-#define EXP_C6 1.9875691500e-4f
-#define EXP_C5 1.3981999507e-3f
-#define EXP_C4 8.3334519073e-3f
-#define EXP_C3 4.1665795894e-2f
-#define EXP_C2 1.6666665459e-1f
-#define EXP_C1 5.0000001201e-1f
 
 static inline float exp_neg(float x) {
     if (x < EXP_FLOOR) x = EXP_FLOOR;
