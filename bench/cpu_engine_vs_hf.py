@@ -7,7 +7,7 @@ shared machine hits both alike; the JSON has every round's figures and their rat
 
     python bench/cpu_engine_vs_hf.py [--rounds 2] [--batch 32] [--new-tokens 128] [--out f]
         [--with-bf16] [--with-unpacked] [--with-copy] [--with-gather] [--with-torch-ops]
-        [--hf-bf16]
+        [--with-sdpa-prefill] [--hf-bf16]
 
 Our engine runs its CPU fp32 matmuls in strict fp32 with oneDNN-prepacked weights
 (``EngineConfig.cpu_matmul_precision``, see models/cpu_linear); HF runs with torch's defaults
@@ -16,7 +16,8 @@ math mode (where the CPU has it and a probe finds it accurate; the option is ref
 ``--with-unpacked`` with plain ``F.linear``, ``--with-copy`` / ``--with-gather`` with the decode
 attention on the contiguous K/V copy / on blocks gathered every step instead of the C paged
 kernel, ``--with-torch-ops`` with each layer's element-wise ops in torch instead of the C
-layer-op kernels, ``--hf-bf16`` HF under oneDNN's bf16 math mode: all in the same rounds, so
+layer-op kernels, ``--with-sdpa-prefill`` with torch's SDPA for prefill chunks instead of the C
+prefill attention kernel, ``--hf-bf16`` HF under oneDNN's bf16 math mode: all in the same rounds, so
 what each piece gives is measured beside the headline. Both sides run in this process, so both
 get the huge pages slaq turns on.
 """
@@ -75,6 +76,9 @@ def main() -> None:
     ap.add_argument("--with-torch-ops", action="store_true",
                     help="also run our engine with the layers' element-wise ops (norms, SiLU, "
                          "rotary) in torch instead of the C kernels, in the same rounds")
+    ap.add_argument("--with-sdpa-prefill", action="store_true",
+                    help="also run our engine with its prefill chunks' attention in torch's SDPA "
+                         "instead of the C prefill kernel, in the same rounds")
     ap.add_argument("--hf-bf16", action="store_true",
                     help="also run HF generate under oneDNN's bf16 math mode, in the same rounds")
     args = ap.parse_args()
@@ -115,6 +119,9 @@ def main() -> None:
     if args.with_torch_ops:
         variants["torch_ops"] = build_engine(cfg, "eager", args.batch, _num_blocks(cfg),
                                              fuse_layer_ops=False)
+    if args.with_sdpa_prefill:
+        variants["sdpa_prefill"] = build_engine(cfg, "eager", args.batch, _num_blocks(cfg),
+                                                cpu_prefill_kernel=False)
     for other in variants.values():
         run_ours(other, prompts[:2], 4, "cpu")
     run_hf(hf_model, prompts[:2], 2, "cpu")  # warm up both

@@ -152,7 +152,7 @@ def _free_memory(device: str) -> None:
 
 def build_engine(cfg: EngineBenchConfig, runner: str, max_num_seqs: int, num_blocks: int,
                  cpu_matmul_precision: str = "ieee", cpu_decode_attention: str = "auto",
-                 fuse_layer_ops: bool = True) -> Any:
+                 fuse_layer_ops: bool = True, cpu_prefill_kernel: bool = True) -> Any:
     from slaq.gpu_workers.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from slaq.gpu_workers.engine.llm_engine import LLMEngine
     from slaq.gpu_workers.engine.loader import load_model_config
@@ -168,7 +168,7 @@ def build_engine(cfg: EngineBenchConfig, runner: str, max_num_seqs: int, num_blo
         cache=CacheConfig(block_size=cfg.block_size, num_blocks=num_blocks,
                           enable_prefix_caching=False),
         use_cuda_graphs=runner.startswith("graphs"), cpu_matmul_precision=cpu_matmul_precision,
-        cpu_decode_attention=cpu_decode_attention,
+        cpu_decode_attention=cpu_decode_attention, cpu_prefill_kernel=cpu_prefill_kernel,
         # A runner's own options (graphs-plain turns fusing off) win.
         **{"fuse_layer_ops": fuse_layer_ops, **_RUNNER_OPTIONS.get(runner, {})})
     if runner == "eager":

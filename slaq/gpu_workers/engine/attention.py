@@ -27,6 +27,7 @@ from slaq.gpu_workers.engine.kv_pool import gather_blocks
 
 if TYPE_CHECKING:
     from slaq.gpu_workers.engine.cpu_kernels import PagedDecodeKernel
+    from slaq.gpu_workers.engine.cpu_kernels.prefill import PrefillAttentionKernel
     from slaq.gpu_workers.engine.decode_cache import DecodeKVCache
 
 
@@ -197,19 +198,31 @@ def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class CpuPagedBackend(TorchSDPABackend):
-    """SDPA for prefill chunks; fp32 decodes through the C kernel, which reads each
-    sequence's K/V from the pool through its block table (no gather, no copy, no mask).
+    """fp32 decodes through the C kernel, which reads each sequence's K/V from the pool
+    through its block table (no gather, no copy, no mask); prefill chunks with nothing cached
+    before them through the C prefill kernel where given (``prefill_kernel``), the others
+    through SDPA.
 
     A step reads each running sequence's K/V once, up to its own length, with nothing to
     maintain between steps; ``bench/cpu_engine_vs_hf.py --with-copy`` measures it against
-    the contiguous copy in the same rounds."""
+    the contiguous copy in the same rounds, ``--with-sdpa-prefill`` the prefill kernel
+    against SDPA."""
 
     reads_pool = True
 
-    def __init__(self, kernel: PagedDecodeKernel) -> None:
+    def __init__(self, kernel: PagedDecodeKernel,
+                 prefill_kernel: PrefillAttentionKernel | None = None) -> None:
         super().__init__()
         self.kernel = kernel
+        self.prefill_kernel = prefill_kernel
         self._scratch = torch.empty(0)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 span: PrefillSpan, block_size: int, scale: float) -> torch.Tensor:
+        if self.prefill_kernel is None or span.context_start:
+            return super()._prefill(q, k, v, kv_cache, span, block_size, scale)
+        with record_function("slaq::prefill_attention"):
+            return self.prefill_kernel(q, k, v, scale)
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -229,14 +242,17 @@ class CpuPagedBackend(TorchSDPABackend):
 
 def get_attention_backend(device: torch.device, cpu_decode: str = "auto",
                           num_heads: int = 1, num_kv_heads: int = 1, head_dim: int = 64,
-                          dtype: torch.dtype = torch.float32) -> AttentionBackend:
+                          dtype: torch.dtype = torch.float32,
+                          cpu_prefill: bool = True) -> AttentionBackend:
     """The attention backend for a device: the paged Triton kernel on CUDA when triton is
     importable (it reads K/V from the pool without gather copies), else gather + SDPA.
 
     On CPU, ``cpu_decode`` picks the decode path for fp32: ``"paged"`` the C kernel
     (RuntimeError where it cannot be built, or for another dtype or a head layout it does
     not take), ``"copy"`` batched matmuls over a contiguous copy kept by the runner,
-    ``"auto"`` the kernel where it applies, else the copy."""
+    ``"auto"`` the kernel where it applies, else the copy. With the paged kernel,
+    ``cpu_prefill`` also sends fresh prefill chunks through the C prefill kernel where it
+    builds and takes the head layout."""
     if cpu_decode not in CPU_DECODE_ATTENTION:
         raise ValueError(f"cpu_decode must be one of {CPU_DECODE_ATTENTION}, got {cpu_decode!r}")
     if device.type == "cuda":
@@ -253,8 +269,21 @@ def get_attention_backend(device: torch.device, cpu_decode: str = "auto",
                else None)
         kernel = load_paged_decode() if why is None else None
         if kernel is not None:
-            return CpuPagedBackend(kernel)
+            return CpuPagedBackend(kernel, _prefill_kernel(num_heads, num_kv_heads, head_dim)
+                                   if cpu_prefill else None)
         if cpu_decode == "paged":
             raise RuntimeError("the CPU paged decode kernel cannot run here: "
                                + (why or "it could not be built (see the log)"))
     return TorchSDPABackend(expand_kv=device.type == "cuda")
+
+
+def _prefill_kernel(num_heads: int, num_kv_heads: int,
+                    head_dim: int) -> PrefillAttentionKernel | None:
+    from slaq.gpu_workers.engine.cpu_kernels.prefill import (
+        PrefillAttentionKernel,
+        load_prefill_attention,
+    )
+
+    if not PrefillAttentionKernel.supports(num_heads, num_kv_heads, head_dim):
+        return None
+    return load_prefill_attention()

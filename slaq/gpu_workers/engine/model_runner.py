@@ -129,7 +129,7 @@ class ModelRunner:
         mc = self.model_config
         self.backend = get_attention_backend(self.device, config.cpu_decode_attention,
                                              mc.num_heads, mc.num_kv_heads, mc.head_dim,
-                                             self.dtype)
+                                             self.dtype, config.cpu_prefill_kernel)
         self.sampler = Sampler(self.device)
         self.num_blocks = config.cache.num_blocks or self._blocks_from_memory()
         self.kv_cache = allocate_pool(self.kv_shape, self.dtype, self.device, config.kv_shm_name)

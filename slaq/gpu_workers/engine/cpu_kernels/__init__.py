@@ -1,6 +1,7 @@
 """CPU kernels in C, compiled on first use with the machine's C compiler and called via ctypes:
-the paged decode attention (``paged_decode.c``) and a layer's element-wise ops
-(``layer_ops.c``, :class:`LayerOpsKernel`; why they are in C is said there).
+the paged decode attention (``paged_decode.c``), a layer's element-wise ops
+(``layer_ops.c``, :class:`LayerOpsKernel`; why they are in C is said there) and the causal
+prefill attention (``prefill_attention.c``, loaded by :mod:`.prefill`).
 
 Why C for the attention: the CPU decode attention is a scan over each sequence's keys and
 values with a few query rows per K/V head. Expressed in torch (batched matmuls, SDPA) it needs
