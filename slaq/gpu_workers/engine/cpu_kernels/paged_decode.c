@@ -11,7 +11,10 @@
  * latency only in part. Reading each token's row whole instead cost more arithmetic than it
  * saved.)
  *
- * AVX2/FMA intrinsics where the compiler targets them (-march=native), plain C otherwise. The
+ * AVX2/FMA intrinsics where the compiler targets them (-march=native), and AVX-512 for the
+ * weighted sum of the values where it does too (a 64-float head in one pass over the rows:
+ * on stop 16's Zen 4 EPYC a batch-32 step went from 27-30 ms to 24-25 ms, with bitwise the same
+ * outputs; AVX-512 for the scores was no faster there), plain C otherwise. The
  * exponential is a polynomial, not a libm call: no -ffast-math (which would change the whole
  * process's floating-point mode) is needed to vectorize it. OpenMP splits the sequences
  * across torch's own threads.
@@ -191,10 +194,57 @@ static inline __attribute__((always_inline)) void values_pass(
 }
 #endif
 
+#if defined(__AVX512F__)
+/* values_pass on sixteen-float slices: a head of 64 floats in one pass over the rows (four
+ * slices), where eight-float slices take two. Each lane sums the same products in the same
+ * order as there, so the outputs are bitwise the same. */
+static inline __attribute__((always_inline)) void values_pass16(
+        const float *v, int64_t stride, int64_t count, const float *w, int64_t w_stride,
+        float *acc, int64_t head_dim, int64_t d, const int heads, const int slices) {
+    __m512 a[3][4];
+    for (int k = 0; k < heads; k++)
+        for (int c = 0; c < slices; c++)
+            a[k][c] = _mm512_loadu_ps(acc + k * head_dim + d + 16 * c);
+    for (int64_t i = 0; i < count; i++) {
+        const float *row = v + i * stride + d;
+        __m512 vv[4];
+        for (int c = 0; c < slices; c++) vv[c] = _mm512_loadu_ps(row + 16 * c);
+        for (int k = 0; k < heads; k++) {
+            const __m512 wk = _mm512_set1_ps(w[k * w_stride + i]);
+            for (int c = 0; c < slices; c++) a[k][c] = _mm512_fmadd_ps(wk, vv[c], a[k][c]);
+        }
+    }
+    for (int k = 0; k < heads; k++)
+        for (int c = 0; c < slices; c++)
+            _mm512_storeu_ps(acc + k * head_dim + d + 16 * c, a[k][c]);
+}
+#endif
+
 /* acc[g * head_dim + d] += sum over the `count` values (rows `stride` floats apart from `v`)
  * of w[g * w_stride + i] * v_i[d]. */
 static void block_values(const float *v, int64_t stride, int64_t count, const float *w,
                          int64_t w_stride, int64_t group, int64_t head_dim, float *acc) {
+#if defined(__AVX512F__)
+    if (head_dim % 16 == 0) {
+        for (int64_t g0 = 0; g0 < group; g0 += 3) {
+            const int64_t gn = group - g0 < 3 ? group - g0 : 3;
+            const float *wg = w + g0 * w_stride;
+            float *ag = acc + g0 * head_dim;
+            int64_t d = 0;
+            for (; d + 64 <= head_dim; d += 64) {
+                if (gn == 3) values_pass16(v, stride, count, wg, w_stride, ag, head_dim, d, 3, 4);
+                else if (gn == 2) values_pass16(v, stride, count, wg, w_stride, ag, head_dim, d, 2, 4);
+                else values_pass16(v, stride, count, wg, w_stride, ag, head_dim, d, 1, 4);
+            }
+            for (; d < head_dim; d += 16) {
+                if (gn == 3) values_pass16(v, stride, count, wg, w_stride, ag, head_dim, d, 3, 1);
+                else if (gn == 2) values_pass16(v, stride, count, wg, w_stride, ag, head_dim, d, 2, 1);
+                else values_pass16(v, stride, count, wg, w_stride, ag, head_dim, d, 1, 1);
+            }
+        }
+        return;
+    }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
     /* Up to three heads times four slices of eight floats per pass: twelve independent FMA
      * chains (fewer would wait on the FMA latency, each chain being one long sum over the
