@@ -3,6 +3,7 @@ blocks, its build cache, and the backend choice around it."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from slaq.gpu_workers.engine.attention import (
     get_attention_backend,
 )
 from slaq.gpu_workers.engine.cpu_kernels import (
+    FLAGS,
+    SOURCE,
     PagedDecodeKernel,
     compile_shared,
     load_paged_decode,
@@ -25,6 +28,20 @@ from slaq.gpu_workers.engine.cpu_kernels import (
 
 KERNEL = load_paged_decode()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel not built")
+
+
+@pytest.fixture(params=["native", "no-avx512"])
+def kernel(request) -> PagedDecodeKernel:
+    """The kernel as built here, and as for a CPU without AVX-512 (its AVX2 value pass)."""
+    if KERNEL is None:
+        pytest.skip("no C compiler: kernel not built")
+    if request.param == "native":
+        return KERNEL
+    try:
+        path = compile_shared(SOURCE, (*FLAGS, "-mno-avx512f"))
+    except RuntimeError:
+        pytest.skip("the compiler takes no -mno-avx512f here")
+    return PagedDecodeKernel(ctypes.CDLL(str(path)))
 
 
 def _reference(q, pool, tables, lens, scale):
@@ -57,7 +74,6 @@ def _case(num_seqs, heads, kv_heads, head_dim, block_size, lens, seed=0):
     return q, pool, tables, torch.tensor(lens)
 
 
-@needs_kernel
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size", "lens"), [
     (9, 3, 64, 16, [1, 15, 16, 17, 200, 333]),  # SmolLM2's layout; block edges; long rows
     (4, 4, 64, 4, [7, 1, 9]),  # no grouping
@@ -67,9 +83,9 @@ def _case(num_seqs, heads, kv_heads, head_dim, block_size, lens, seed=0):
     (6, 3, 20, 5, [11, 2, 30, 31]),  # a head size the vector paths do not take
     (32, 8, 64, 16, [513]),  # Llama-3.2-1B's layout, one sequence
 ])
-def test_kernel_matches_fp64_attention(heads, kv_heads, head_dim, block_size, lens):
+def test_kernel_matches_fp64_attention(kernel, heads, kv_heads, head_dim, block_size, lens):
     q, pool, tables, ctx = _case(len(lens), heads, kv_heads, head_dim, block_size, lens)
-    got = KERNEL(q, pool, tables, ctx, 0.125)
+    got = kernel(q, pool, tables, ctx, 0.125)
     want = _reference(q, pool, tables, ctx, 0.125)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 

@@ -3,6 +3,8 @@ in fp64, on the strided views the model passes it, and the paged backend's use o
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -13,8 +15,9 @@ from slaq.gpu_workers.engine.attention import (
     TorchSDPABackend,
     get_attention_backend,
 )
-from slaq.gpu_workers.engine.cpu_kernels import load_paged_decode
+from slaq.gpu_workers.engine.cpu_kernels import FLAGS, compile_shared, load_paged_decode
 from slaq.gpu_workers.engine.cpu_kernels.prefill import (
+    PREFILL_SOURCE,
     PrefillAttentionKernel,
     load_prefill_attention,
 )
@@ -23,6 +26,27 @@ KERNEL = load_prefill_attention()
 DECODE = load_paged_decode()
 needs_kernel = pytest.mark.skipif(KERNEL is None or DECODE is None,
                                   reason="no C compiler: kernels not built")
+
+
+def _without_avx512() -> PrefillAttentionKernel | None:
+    """The kernel built as for a CPU without AVX-512: its plain C paths (x86 compilers)."""
+    try:
+        path = compile_shared(PREFILL_SOURCE, (*FLAGS, "-mno-avx512f"))
+    except RuntimeError:
+        return None
+    return PrefillAttentionKernel(ctypes.CDLL(str(path)))
+
+
+@pytest.fixture(params=["native", "no-avx512"])
+def kernel(request) -> PrefillAttentionKernel:
+    if KERNEL is None:
+        pytest.skip("no C compiler: kernel not built")
+    if request.param == "native":
+        return KERNEL
+    plain = _without_avx512()
+    if plain is None:
+        pytest.skip("the compiler takes no -mno-avx512f here")
+    return plain
 
 
 def _qkv(n: int, heads: int, kv_heads: int, head_dim: int, seed: int = 0):
@@ -44,38 +68,53 @@ def _reference(q, k, v, scale):
     return torch.einsum("hqk,khd->qhd", w, vd).float()
 
 
-@needs_kernel
 @pytest.mark.parametrize(("n", "heads", "kv_heads", "head_dim"), [
     (1, 9, 3, 64), (15, 9, 3, 64), (16, 9, 3, 64), (17, 9, 3, 64),  # query-block edges
     (64, 9, 3, 64), (65, 9, 3, 64), (300, 9, 3, 64),  # key-tile edges; SmolLM2's layout
     (130, 32, 8, 128),  # Llama-3.2-1B's layout
+    (70, 16, 2, 128),  # the largest group and head: full per-thread buffers
     (40, 8, 2, 48),  # a head size of three 16-float chunks
     (50, 8, 8, 64),  # no grouping
     (23, 6, 3, 20),  # a head size the vector path does not take
 ])
-def test_kernel_matches_fp64_causal_attention(n, heads, kv_heads, head_dim):
+def test_kernel_matches_fp64_causal_attention(kernel, n, heads, kv_heads, head_dim):
     q, k, v = _qkv(n, heads, kv_heads, head_dim)
     scale = head_dim ** -0.5
-    torch.testing.assert_close(KERNEL(q, k, v, scale), _reference(q, k, v, scale),
+    torch.testing.assert_close(kernel(q, k, v, scale), _reference(q, k, v, scale),
                                rtol=1e-5, atol=2e-6)
 
 
-@needs_kernel
-def test_large_scores_do_not_overflow():
+def test_the_models_layouts_are_read_in_place(kernel):
+    """As the model passes them: q and k views of the rotary output, v of the projection
+    (three token strides); and a q whose heads are not side by side (copied first)."""
+    heads, kv_heads, dim, n = 9, 3, 64, 77
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(n, heads + 2 * kv_heads, dim, generator=gen)
+    qk = torch.randn(n, heads + kv_heads, dim, generator=gen)
+    q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
+    assert len({q.stride(0), k.stride(0), v.stride(0)}) == 2 and k.stride(0) != v.stride(0)
+    want = _reference(q, k, v, 0.125)
+    torch.testing.assert_close(kernel(q, k, v, 0.125), want, rtol=1e-5, atol=2e-6)
+    q_head_major = q.transpose(0, 1).contiguous().transpose(0, 1)  # [n, H, D], heads n*D apart
+    torch.testing.assert_close(kernel(q_head_major, k, v, 0.125), want, rtol=1e-5, atol=2e-6)
+
+
+def test_large_scores_do_not_overflow(kernel):
     q, k, v = _qkv(90, 4, 2, 32, seed=1)
-    got = KERNEL(q * 40, k, v, 1.0)
+    got = kernel(q * 40, k, v, 1.0)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, _reference(q * 40, k, v, 1.0), rtol=1e-4, atol=1e-4)
 
 
-@needs_kernel
-def test_a_nan_key_poisons_only_the_rows_that_see_it():
-    """As SDPA: a query whose causal window holds a NaN key gets NaN; earlier ones do not."""
+def test_a_nan_key_poisons_only_the_rows_that_see_it(kernel):
+    """As SDPA: a query whose causal window holds a NaN key gets NaN; earlier ones do not.
+    (A NaN value row, by contrast, may reach earlier queries of its tile through their zero
+    weights, as in SDPA's block products.)"""
     for bad in (3, 70):  # inside the first key chunk, and in a later tile
         q, k, v = _qkv(100, 4, 2, 32, seed=2)
         k = k.clone()
         k[bad, 0, 5] = float("nan")
-        out = KERNEL(q, k, v, 0.2)
+        out = kernel(q, k, v, 0.2)
         assert torch.isfinite(out[:bad]).all()
         assert torch.isnan(out[bad:, :2]).all()  # query heads 0-1 read K/V head 0
         assert torch.isfinite(out[:, 2:]).all()
@@ -127,7 +166,7 @@ def test_backend_choice_of_the_prefill_kernel():
     cpu = torch.device("cpu")
     auto = get_attention_backend(cpu, "auto", 9, 3, 64)
     if KERNEL is None or DECODE is None:
-        return
+        pytest.skip("no C compiler: kernels not built")
     assert isinstance(auto, CpuPagedBackend) and auto.prefill_kernel is KERNEL
     off = get_attention_backend(cpu, "auto", 9, 3, 64, cpu_prefill=False)
     assert isinstance(off, CpuPagedBackend) and off.prefill_kernel is None

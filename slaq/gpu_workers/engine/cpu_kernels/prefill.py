@@ -68,7 +68,8 @@ class PrefillAttentionKernel:
         if n == 0:
             return out
         # Per call, not kept: one loaded kernel serves every engine and thread of the process.
-        scratch = torch.empty(self._scratch_numel(n, num_kv_heads, head_dim))
+        scratch = torch.empty(self._scratch_numel(n, num_kv_heads, head_dim),
+                              dtype=torch.float32)
         rc = self._fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
                       v.stride(0), out.data_ptr(), out.stride(0), scratch.data_ptr(), n, num_heads,
                       num_kv_heads, head_dim, scale)

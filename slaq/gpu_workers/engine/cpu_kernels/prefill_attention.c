@@ -2,7 +2,8 @@
  *
  * A chunk of n fresh tokens (nothing of its sequence cached before it) attends causally to
  * itself: q [n, H, D], k and v [n, KVH, D], each a token's heads side by side and tokens
- * `*_stride` floats apart (views into the fused QKV projection need no copy); out [n, H, D].
+ * `*_stride` floats apart (the model's views, q and k into the rotary output and v into the
+ * fused QKV projection, need no copy); out [n, H, D].
  *
  * Why not torch's SDPA: its CPU flash kernel runs a small MKL GEMM per (query block, key
  * block), and on stop 16's Zen 4 EPYC that reached about 70 GFLOP/s of causal work on
@@ -43,8 +44,10 @@ typedef struct {
     float m[MAX_ROWS];
     float l[MAX_ROWS];
 } Work;
+_Static_assert(sizeof(Work) % 64 == 0, "aligned_alloc needs a multiple of the alignment");
 
 static inline float exp_neg(float x) {
+    if (x != x) return x;  /* NaN stays NaN (and never reaches the int conversion) */
     if (x < EXP_FLOOR) x = EXP_FLOOR;
     float n = floorf(x * LOG2E + 0.5f);
     float r = x - n * LN2_HI - n * LN2_LO;
@@ -180,15 +183,16 @@ static void online_softmax_row(float *s, int64_t lim, float *m, float *l, float 
         const int64_t left = lim - 16 * c;
         mask[c] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
     }
+    /* Masked loads: chunks past the tile's keys were not written by the score pass. */
     __m512 mv = _mm512_set1_ps(mx);
     for (int c = 0; c < BK / 16; c++)
-        mv = _mm512_mask_max_ps(mv, mask[c], _mm512_loadu_ps(s + 16 * c), mv);
+        mv = _mm512_mask_max_ps(mv, mask[c], _mm512_maskz_loadu_ps(mask[c], s + 16 * c), mv);
     mx = _mm512_reduce_max_ps(mv);
     const __m512 mb = _mm512_set1_ps(mx);
     __m512 acc = _mm512_setzero_ps();
     for (int c = 0; c < BK / 16; c++) {
         const __m512 e = _mm512_maskz_mov_ps(
-            mask[c], exp_neg16(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * c), mb)));
+            mask[c], exp_neg16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask[c], s + 16 * c), mb)));
         _mm512_storeu_ps(s + 16 * c, e);
         acc = _mm512_add_ps(acc, e);
     }
