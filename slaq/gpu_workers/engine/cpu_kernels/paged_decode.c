@@ -47,27 +47,6 @@ static inline void prefetch_block(const float *block, int64_t num_floats) {
         __builtin_prefetch(bytes + off, 0, 1);
 }
 
-/* e^x for x <= 0, within 1 ulp of expf over [-87, 0] (see exp_poly.h). Inputs below -87 (and
- * -inf) give e^-87, about 1.6e-38: still a normal float, and nothing beside the row's maximum
- * (which gives 1). */
-#define EXP_FLOOR -87.0f
-
-static inline float exp_neg(float x) {
-    if (x < EXP_FLOOR) x = EXP_FLOOR;
-    float n = floorf(x * LOG2E + 0.5f);
-    float r = x - n * LN2_HI - n * LN2_LO;
-    float p = EXP_C6;
-    p = p * r + EXP_C5;
-    p = p * r + EXP_C4;
-    p = p * r + EXP_C3;
-    p = p * r + EXP_C2;
-    p = p * r + EXP_C1;
-    p = p * r * r + r + 1.0f;
-    union { float f; int32_t i; } scale;
-    scale.i = ((int32_t)n + 127) << 23;
-    return p * scale.f;
-}
-
 #if defined(__AVX2__) && defined(__FMA__)
 /* exp_neg on eight lanes: the same steps (fused here), so the two agree within 2 ulp. */
 static inline __m256 exp_neg8(__m256 x) {
@@ -224,51 +203,39 @@ static inline __attribute__((always_inline)) void values_pass16(
  * of w[g * w_stride + i] * v_i[d]. */
 static void block_values(const float *v, int64_t stride, int64_t count, const float *w,
                          int64_t w_stride, int64_t group, int64_t head_dim, float *acc) {
+    /* Up to three heads times four slices per pass: twelve independent FMA chains (fewer would
+     * wait on the FMA latency, each chain being one long sum over the keys); a head size that
+     * is not a multiple of four slices finishes with single slices. */
+#define VALUES_OVER_HEADS(pass, width)                                                        \
+    for (int64_t g0 = 0; g0 < group; g0 += 3) {                                               \
+        const int heads = group - g0 < 3 ? (int)(group - g0) : 3;                             \
+        const float *wg = w + g0 * w_stride;                                                  \
+        float *ag = acc + g0 * head_dim;                                                      \
+        int64_t d = 0;                                                                        \
+        for (; d + 4 * (width) <= head_dim; d += 4 * (width)) {                               \
+            if (heads == 3) pass(v, stride, count, wg, w_stride, ag, head_dim, d, 3, 4);      \
+            else if (heads == 2) pass(v, stride, count, wg, w_stride, ag, head_dim, d, 2, 4); \
+            else pass(v, stride, count, wg, w_stride, ag, head_dim, d, 1, 4);                 \
+        }                                                                                     \
+        for (; d < head_dim; d += (width)) {                                                  \
+            if (heads == 3) pass(v, stride, count, wg, w_stride, ag, head_dim, d, 3, 1);      \
+            else if (heads == 2) pass(v, stride, count, wg, w_stride, ag, head_dim, d, 2, 1); \
+            else pass(v, stride, count, wg, w_stride, ag, head_dim, d, 1, 1);                 \
+        }                                                                                     \
+    }
 #if defined(__AVX512F__)
     if (head_dim % 16 == 0) {
-        for (int64_t g0 = 0; g0 < group; g0 += 3) {
-            const int64_t gn = group - g0 < 3 ? group - g0 : 3;
-            const float *wg = w + g0 * w_stride;
-            float *ag = acc + g0 * head_dim;
-            int64_t d = 0;
-            for (; d + 64 <= head_dim; d += 64) {
-                if (gn == 3) values_pass16(v, stride, count, wg, w_stride, ag, head_dim, d, 3, 4);
-                else if (gn == 2) values_pass16(v, stride, count, wg, w_stride, ag, head_dim, d, 2, 4);
-                else values_pass16(v, stride, count, wg, w_stride, ag, head_dim, d, 1, 4);
-            }
-            for (; d < head_dim; d += 16) {
-                if (gn == 3) values_pass16(v, stride, count, wg, w_stride, ag, head_dim, d, 3, 1);
-                else if (gn == 2) values_pass16(v, stride, count, wg, w_stride, ag, head_dim, d, 2, 1);
-                else values_pass16(v, stride, count, wg, w_stride, ag, head_dim, d, 1, 1);
-            }
-        }
+        VALUES_OVER_HEADS(values_pass16, 16)
         return;
     }
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-    /* Up to three heads times four slices of eight floats per pass: twelve independent FMA
-     * chains (fewer would wait on the FMA latency, each chain being one long sum over the
-     * keys); a head size that is not a multiple of 32 finishes with single slices. */
     if (head_dim % 8 == 0) {
-        for (int64_t g0 = 0; g0 < group; g0 += 3) {
-            const int64_t gn = group - g0 < 3 ? group - g0 : 3;
-            const float *wg = w + g0 * w_stride;
-            float *ag = acc + g0 * head_dim;
-            int64_t d = 0;
-            for (; d + 32 <= head_dim; d += 32) {
-                if (gn == 3) values_pass(v, stride, count, wg, w_stride, ag, head_dim, d, 3, 4);
-                else if (gn == 2) values_pass(v, stride, count, wg, w_stride, ag, head_dim, d, 2, 4);
-                else values_pass(v, stride, count, wg, w_stride, ag, head_dim, d, 1, 4);
-            }
-            for (; d < head_dim; d += 8) {
-                if (gn == 3) values_pass(v, stride, count, wg, w_stride, ag, head_dim, d, 3, 1);
-                else if (gn == 2) values_pass(v, stride, count, wg, w_stride, ag, head_dim, d, 2, 1);
-                else values_pass(v, stride, count, wg, w_stride, ag, head_dim, d, 1, 1);
-            }
-        }
+        VALUES_OVER_HEADS(values_pass, 8)
         return;
     }
 #endif
+#undef VALUES_OVER_HEADS
     for (int64_t i = 0; i < count; i++) {
         const float *row = v + i * stride;
         for (int64_t g = 0; g < group; g++) {

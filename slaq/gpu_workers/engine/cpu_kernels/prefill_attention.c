@@ -34,7 +34,6 @@
 #define MAX_GROUP 8    /* query heads per K/V head */
 #define MAX_DIM 128
 #define MAX_ROWS (BQ * MAX_GROUP)
-#define EXP_FLOOR -87.0f
 
 /* Per-thread work buffers: scaled queries, scores (then weights), outputs, running max/sum. */
 typedef struct {
@@ -45,21 +44,6 @@ typedef struct {
     float l[MAX_ROWS];
 } Work;
 _Static_assert(sizeof(Work) % 64 == 0, "aligned_alloc needs a multiple of the alignment");
-
-static inline float exp_neg(float x) {
-    if (x != x) return x;  /* NaN stays NaN (and never reaches the int conversion) */
-    if (x < EXP_FLOOR) x = EXP_FLOOR;
-    float n = floorf(x * LOG2E + 0.5f);
-    float r = x - n * LN2_HI - n * LN2_LO;
-    float p = EXP_C6;
-    p = p * r + EXP_C5;
-    p = p * r + EXP_C4;
-    p = p * r + EXP_C3;
-    p = p * r + EXP_C2;
-    p = p * r + EXP_C1;
-    p = p * r * r + r + 1.0f;
-    return ldexpf(p, (int)n);
-}
 
 #if defined(__AVX512F__)
 static inline __m512 exp_neg16(__m512 x) {
