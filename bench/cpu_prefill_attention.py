@@ -2,11 +2,14 @@
 
     python bench/cpu_prefill_attention.py [--lengths 128,288,512,2048] [--rounds 4] [--out F]
 
-Two parts, each with its baseline in the same run: (1) one chunk of each length with
+Three parts, each with its baseline in the same run: (1) one chunk of each length with
 SmolLM2's heads (9 query heads, 3 K/V heads, head size 64) as views into a fused QKV
 output, kernel and SDPA alternating, with the causal GFLOP/s of each; (2) the CPU engine
 benchmark's 32 prompts (64-512 tokens) prefilled with one sampled token each, by two engines
-that differ only in ``EngineConfig.cpu_prefill_kernel``, alternating over ``--rounds``.
+that differ only in ``EngineConfig.cpu_prefill_kernel``, alternating over ``--rounds``; (3)
+one ``--long-prompt``-token prompt through the same two engines, whose chunks after the first
+(the step budget is 2,048 tokens) attend to the cached ones: the kernel over the gathered
+blocks against SDPA with a mask.
 """
 
 from __future__ import annotations
@@ -70,15 +73,16 @@ def chunks(lengths: list[int], heads: int = 9, kv_heads: int = 3, dim: int = 64)
     return out
 
 
-def engine_prefill(rounds: int) -> dict:
-    cfg = EngineBenchConfig(model=resolve_model("smollm2"), batch_sizes=(32,), device="cpu",
-                            dtype="float32", prompt_len=(64, 512), new_tokens=2)
-    engines = {"kernel": build_engine(cfg, "eager", 32, _num_blocks(cfg)),
-               "sdpa": build_engine(cfg, "eager", 32, _num_blocks(cfg),
+def _engines(cfg: EngineBenchConfig, max_num_seqs: int) -> dict:
+    engines = {"kernel": build_engine(cfg, "eager", max_num_seqs, _num_blocks(cfg)),
+               "sdpa": build_engine(cfg, "eager", max_num_seqs, _num_blocks(cfg),
                                     cpu_prefill_kernel=False)}
     if engines["kernel"].runner.backend.prefill_kernel is None:
         raise SystemExit("the engine did not take the prefill kernel here")
-    prompts = _prompts(cfg, 32, engines["kernel"].model_config.vocab_size, cfg.seed + 32)
+    return engines
+
+
+def _alternate(engines: dict, prompts: list[list[int]], rounds: int) -> dict:
     for e in engines.values():
         run_ours(e, prompts[:4], 1, "cpu")
     seconds: dict[str, list[float]] = {name: [] for name in engines}
@@ -94,15 +98,33 @@ def engine_prefill(rounds: int) -> dict:
             "first_tokens_identical": tokens["kernel"] == tokens["sdpa"]}
 
 
+def engine_prefill(rounds: int) -> dict:
+    cfg = EngineBenchConfig(model=resolve_model("smollm2"), batch_sizes=(32,), device="cpu",
+                            dtype="float32", prompt_len=(64, 512), new_tokens=2)
+    engines = _engines(cfg, 32)
+    prompts = _prompts(cfg, 32, engines["kernel"].model_config.vocab_size, cfg.seed + 32)
+    return _alternate(engines, prompts, rounds)
+
+
+def long_prompt(tokens: int, rounds: int) -> dict:
+    cfg = EngineBenchConfig(model=resolve_model("smollm2"), batch_sizes=(1,), device="cpu",
+                            dtype="float32", prompt_len=(tokens, tokens), new_tokens=2)
+    engines = _engines(cfg, 1)
+    prompts = _prompts(cfg, 1, engines["kernel"].model_config.vocab_size, cfg.seed + 1)
+    return {"step_token_budget": cfg.token_budget, **_alternate(engines, prompts, rounds)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="128,288,512,2048")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--long-prompt", type=int, default=6144)
     ap.add_argument("--out")
     args = ap.parse_args()
     result = {"device": device_name("cpu"), "threads": torch.get_num_threads(),
               "chunks": chunks([int(x) for x in args.lengths.split(",")]),
-              "engine_prefill": engine_prefill(args.rounds)}
+              "engine_prefill": engine_prefill(args.rounds),
+              "long_prompt": long_prompt(args.long_prompt, args.rounds)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

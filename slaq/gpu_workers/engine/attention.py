@@ -199,9 +199,9 @@ def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 class CpuPagedBackend(TorchSDPABackend):
     """fp32 decodes through the C kernel, which reads each sequence's K/V from the pool
-    through its block table (no gather, no copy, no mask); prefill chunks with nothing cached
-    before them through the C prefill kernel where given (``prefill_kernel``), the others
-    through SDPA.
+    through its block table (no gather, no copy, no mask); prefill chunks through the C
+    prefill kernel where given (``prefill_kernel``; after cached tokens, over the gathered
+    blocks), else SDPA.
 
     A step reads each running sequence's K/V once, up to its own length, with nothing to
     maintain between steps; ``bench/cpu_engine_vs_hf.py --with-copy`` measures it against
@@ -219,10 +219,15 @@ class CpuPagedBackend(TorchSDPABackend):
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  span: PrefillSpan, block_size: int, scale: float) -> torch.Tensor:
-        if self.prefill_kernel is None or span.context_start:
+        if self.prefill_kernel is None:
             return super()._prefill(q, k, v, kv_cache, span, block_size, scale)
         with record_function("slaq::prefill_attention"):
-            return self.prefill_kernel(q, k, v, scale)
+            if span.context_start == 0:  # nothing cached before: the step's own K/V, in place
+                return self.prefill_kernel(q, k, v, scale)
+            # After cached tokens (a prefix hit, a later chunk): the sequence's K/V, this
+            # chunk's included (forward stored them first), gathered from its blocks.
+            kv = gather_blocks(kv_cache, span.block_table).flatten(1, 2)[:, :span.context_len]
+            return self.prefill_kernel(q, kv[0], kv[1], scale)
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -251,8 +256,8 @@ def get_attention_backend(device: torch.device, cpu_decode: str = "auto",
     (RuntimeError where it cannot be built, or for another dtype or a head layout it does
     not take), ``"copy"`` batched matmuls over a contiguous copy kept by the runner,
     ``"auto"`` the kernel where it applies, else the copy. With the paged kernel,
-    ``cpu_prefill`` also sends fresh prefill chunks through the C prefill kernel where it
-    builds and takes the head layout."""
+    ``cpu_prefill`` also sends prefill chunks through the C prefill kernel where it builds
+    and takes the head layout."""
     if cpu_decode not in CPU_DECODE_ATTENTION:
         raise ValueError(f"cpu_decode must be one of {CPU_DECODE_ATTENTION}, got {cpu_decode!r}")
     if device.type == "cuda":

@@ -146,9 +146,9 @@ class EngineConfig:
     # of the batch's K/V (decode_cache), "auto" the kernel where it applies (fp32, a head
     # layout it takes, a C compiler that builds it), else the copy.
     cpu_decode_attention: str = "auto"
-    # CPU fp32, with the paged decode kernel: prefill chunks with nothing cached before them
-    # attend causally through a C kernel too (cpu_kernels/prefill_attention.c), where it
-    # builds and takes the head layout. False keeps torch's SDPA for every prefill chunk.
+    # CPU fp32, with the paged decode kernel: prefill chunks attend causally through a C
+    # kernel too (cpu_kernels/prefill_attention.c; after cached tokens over the gathered
+    # blocks), where it builds and takes the head layout. False keeps torch's SDPA.
     cpu_prefill_kernel: bool = True
 
     def __post_init__(self) -> None:

@@ -57,13 +57,14 @@ def _qkv(n: int, heads: int, kv_heads: int, head_dim: int, seed: int = 0):
 
 
 def _reference(q, k, v, scale):
-    """Causal softmax attention in fp64, K/V heads repeated for their query heads."""
+    """Causal softmax attention in fp64, K/V heads repeated for their query heads; the queries
+    are the last ``len(q)`` of the ``len(k)`` positions."""
     group = q.shape[1] // k.shape[1]
     kd = k.double().repeat_interleave(group, dim=1)
     vd = v.double().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.double() * scale, kd)
-    n = q.shape[0]
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    n, n_k = q.shape[0], k.shape[0]
+    causal = torch.ones(n, n_k, dtype=torch.bool).tril(diagonal=n_k - n)
     w = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
     return torch.einsum("hqk,khd->qhd", w, vd).float()
 
@@ -82,6 +83,19 @@ def test_kernel_matches_fp64_causal_attention(kernel, n, heads, kv_heads, head_d
     scale = head_dim ** -0.5
     torch.testing.assert_close(kernel(q, k, v, scale), _reference(q, k, v, scale),
                                rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize(("n_q", "n_k"), [
+    (1, 1000), (16, 17), (5, 64), (40, 104), (100, 165), (64, 1088),  # tile edges both ways
+])
+def test_queries_after_cached_keys(kernel, n_q, n_k):
+    """A chunk behind a cached prefix or an earlier chunk: its queries sit at positions
+    n_k - n_q ... n_k - 1 and see every key up to their own."""
+    gen = torch.Generator().manual_seed(n_q + n_k)
+    q = torch.randn(n_q, 9, 64, generator=gen)
+    kv = torch.randn(2, n_k, 3, 64, generator=gen)
+    torch.testing.assert_close(kernel(q, kv[0], kv[1], 0.125),
+                               _reference(q, kv[0], kv[1], 0.125), rtol=1e-5, atol=2e-6)
 
 
 def test_the_models_layouts_are_read_in_place(kernel):
@@ -126,7 +140,9 @@ def test_what_the_kernel_cannot_take_is_refused():
     with pytest.raises(ValueError, match="fp32"):
         KERNEL(q.double(), k, v, 1.0)
     with pytest.raises(ValueError, match="shapes"):
-        KERNEL(q, k[:9], v[:9], 1.0)
+        KERNEL(q, k[:9], v[:9], 1.0)  # fewer keys than queries
+    with pytest.raises(ValueError, match="shapes"):
+        KERNEL(q, k, v[:9], 1.0)
     with pytest.raises(ValueError, match="tokens, heads, head_dim"):
         KERNEL(q.flatten(1), k, v, 1.0)
     q16, k16, v16 = _qkv(10, 16, 1, 32)  # 16 query heads per K/V head: past MAX_GROUP
@@ -138,8 +154,9 @@ def test_what_the_kernel_cannot_take_is_refused():
 
 @needs_kernel
 def test_the_paged_backend_prefills_like_sdpa():
-    """A step with a fresh chunk (the kernel) and a chunk after cached tokens (SDPA over the
-    gathered blocks) gives the portable backend's outputs, and writes the same pool."""
+    """A step with a fresh chunk (the kernel on the step's K/V) and a chunk after cached
+    tokens (the kernel on the gathered blocks) gives the portable backend's outputs, and
+    writes the same pool."""
     heads, kv_heads, head_dim, bs = 4, 2, 32, 4
     gen = torch.Generator().manual_seed(3)
     pool = torch.randn(2, 12, bs, kv_heads, head_dim, generator=gen)

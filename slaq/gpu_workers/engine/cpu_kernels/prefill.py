@@ -1,6 +1,5 @@
-"""Causal prefill attention in C for CPU fp32 chunks with nothing cached before them (see
-``prefill_attention.c`` for why it beats torch's SDPA there); compiled on first use like the
-package's other kernels."""
+"""Causal prefill attention in C for CPU fp32 chunks (see ``prefill_attention.c`` for why it
+beats torch's SDPA there); compiled on first use like the package's other kernels."""
 
 from __future__ import annotations
 
@@ -22,16 +21,18 @@ MAX_DIM = 128
 
 
 class PrefillAttentionKernel:
-    """``kernel(q, k, v, scale)``: causal attention of a chunk to itself; q ``[n, H, D]``,
-    k/v ``[n, KVH, D]`` (fp32, CPU; each token's heads contiguous, tokens may be strided, as
-    views into a fused QKV projection are); returns ``[n, H, D]``."""
+    """``kernel(q, k, v, scale)``: causal attention of a chunk of ``n_q`` tokens to its
+    sequence's ``n_k >= n_q`` keys, its own being the last ``n_q`` (so ``n_k == n_q`` for a
+    chunk with nothing cached before it); q ``[n_q, H, D]``, k/v ``[n_k, KVH, D]`` (fp32,
+    CPU; each token's heads contiguous, tokens may be strided, as views into a fused QKV
+    projection are); returns ``[n_q, H, D]``."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self._fn = lib.prefill_attention
         self._fn.restype = ctypes.c_int
         self._fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64,
-                             ctypes.c_float]
+                             i64, ctypes.c_float]
         self._scratch_numel = lib.prefill_attention_scratch_numel
         self._scratch_numel.restype = i64
         self._scratch_numel.argtypes = [i64, i64, i64]
@@ -57,7 +58,7 @@ class PrefillAttentionKernel:
                  scale: float) -> torch.Tensor:
         q, k, v = self._rows(q, "q"), self._rows(k, "k"), self._rows(v, "v")
         n, num_heads, head_dim = q.shape
-        if k.shape != v.shape or k.shape[0] != n or k.shape[2] != head_dim:
+        if k.shape != v.shape or k.shape[0] < n or k.shape[2] != head_dim:
             raise ValueError(f"shapes do not agree: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                              f"v {tuple(v.shape)}")
         num_kv_heads = k.shape[1]
@@ -68,11 +69,11 @@ class PrefillAttentionKernel:
         if n == 0:
             return out
         # Per call, not kept: one loaded kernel serves every engine and thread of the process.
-        scratch = torch.empty(self._scratch_numel(n, num_kv_heads, head_dim),
+        scratch = torch.empty(self._scratch_numel(k.shape[0], num_kv_heads, head_dim),
                               dtype=torch.float32)
         rc = self._fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
-                      v.stride(0), out.data_ptr(), out.stride(0), scratch.data_ptr(), n, num_heads,
-                      num_kv_heads, head_dim, scale)
+                      v.stride(0), out.data_ptr(), out.stride(0), scratch.data_ptr(), n,
+                      k.shape[0], num_heads, num_kv_heads, head_dim, scale)
         if rc == -2:
             raise MemoryError("prefill attention: no memory for a work buffer")
         if rc != 0:

@@ -1,9 +1,11 @@
 /* Causal prefill attention for CPU (fp32), compiled at first use by cpu_kernels/__init__.py.
  *
- * A chunk of n fresh tokens (nothing of its sequence cached before it) attends causally to
- * itself: q [n, H, D], k and v [n, KVH, D], each a token's heads side by side and tokens
- * `*_stride` floats apart (the model's views, q and k into the rotary output and v into the
- * fused QKV projection, need no copy); out [n, H, D].
+ * A chunk of n_q tokens attends causally to its sequence's n_k >= n_q keys, its own being the
+ * last n_q of them (n_k = n_q for a chunk with nothing cached before it): q [n_q, H, D], k and v
+ * [n_k, KVH, D], each a token's heads side by side and tokens `*_stride` floats apart (for a
+ * fresh chunk the model's views, q and k into the rotary output and v into the fused QKV
+ * projection, need no copy); out [n_q, H, D]. Query t sits at position n_k - n_q + t and sees
+ * keys 0 .. n_k - n_q + t.
  *
  * Why not torch's SDPA: its CPU flash kernel runs a small MKL GEMM per (query block, key
  * block), and on stop 16's Zen 4 EPYC that reached about 70 GFLOP/s of causal work on
@@ -12,7 +14,7 @@
  * are the group's query heads times those tokens, so each key tile is read once for the whole
  * group, and scores and the weighted sums accumulate in registers (an outer product per key
  * dimension: one query element broadcast against 16 keys). The keys are transposed once per
- * K/V head for that (kt [KVH][D][n_pad], from the caller's scratch). Softmax runs online, as in
+ * K/V head for that (kt [KVH][D][n_k rounded up to BK], from the caller's scratch). Softmax runs online, as in
  * flash attention: a running maximum and sum per row, the row's output rescaled when the
  * maximum rises, one division at the end.
  *
@@ -200,11 +202,12 @@ static void online_softmax_row(float *s, int64_t lim, float *m, float *l, float 
     *l += sum;
 }
 
-/* One work item: K/V head h, query tokens [q0, q0 + BQ) (those below n). */
+/* One work item: K/V head h, query tokens [q0, q0 + BQ) (those below n), at positions from
+ * q_off + q0 on. */
 static void attend_block(const float *q, int64_t q_stride, const float *kt, int64_t ld,
                          const float *v, int64_t v_stride, float *out, int64_t out_stride,
-                         int64_t n, int64_t h, int64_t q0, int64_t group, int64_t dim,
-                         float scale, int vec, Work *w) {
+                         int64_t n, int64_t q_off, int64_t h, int64_t q0, int64_t group,
+                         int64_t dim, float scale, int vec, Work *w) {
     const int64_t rows = group * BQ;  /* row g * BQ + t: query head h * group + g, token q0 + t */
     for (int64_t g = 0; g < group; g++)
         for (int64_t t = 0; t < BQ; t++) {
@@ -221,7 +224,8 @@ static void attend_block(const float *q, int64_t q_stride, const float *kt, int6
         w->m[r] = -INFINITY;
         w->l[r] = 0.0f;
     }
-    const int64_t key_end = q0 + BQ < n ? q0 + BQ : n;
+    /* Past the block's last query position nothing is read. */
+    const int64_t key_end = q_off + (q0 + BQ < n ? q0 + BQ : n);
     const float *vh = v + h * dim;
     for (int64_t k0 = 0; k0 < key_end; k0 += BK) {
         const int64_t count = key_end - k0 < BK ? key_end - k0 : BK;
@@ -233,7 +237,7 @@ static void attend_block(const float *q, int64_t q_stride, const float *kt, int6
         for (int64_t r = 0; r < rows; r++) {
             const int64_t t = r % BQ;
             /* Keys up to the row's own position (causal), within the tile. */
-            int64_t lim = q0 + t - k0 + 1;
+            int64_t lim = q_off + q0 + t - k0 + 1;
             if (lim > count) lim = count;
             if (q0 + t >= n || lim <= 0) {
                 memset(w->s + r * BK, 0, BK * sizeof(float));
@@ -257,9 +261,9 @@ static void attend_block(const float *q, int64_t q_stride, const float *kt, int6
         }
 }
 
-/* Floats of scratch the caller passes for n tokens (the transposed keys). */
-int64_t prefill_attention_scratch_numel(int64_t n, int64_t num_kv_heads, int64_t head_dim) {
-    const int64_t n_pad = (n + BK - 1) / BK * BK;
+/* Floats of scratch the caller passes for n_k keys (the transposed keys). */
+int64_t prefill_attention_scratch_numel(int64_t n_k, int64_t num_kv_heads, int64_t head_dim) {
+    const int64_t n_pad = (n_k + BK - 1) / BK * BK;
     return num_kv_heads * head_dim * n_pad;
 }
 
@@ -268,26 +272,26 @@ int64_t prefill_attention_scratch_numel(int64_t n, int64_t num_kv_heads, int64_t
 int prefill_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride,
                       const float *v, int64_t v_stride, float *out, int64_t out_stride,
                       float *scratch,
-                      int64_t n, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                      float scale) {
-    if (n < 1 || num_kv_heads < 1 || num_heads % num_kv_heads != 0) return -1;
+                      int64_t n_q, int64_t n_k, int64_t num_heads, int64_t num_kv_heads,
+                      int64_t head_dim, float scale) {
+    if (n_q < 1 || n_k < n_q || num_kv_heads < 1 || num_heads % num_kv_heads != 0) return -1;
     const int64_t group = num_heads / num_kv_heads;
     if (group > MAX_GROUP || head_dim < 1 || head_dim > MAX_DIM) return -1;
-    const int64_t n_pad = (n + BK - 1) / BK * BK;
+    const int64_t n_pad = (n_k + BK - 1) / BK * BK;
     int vec = 0;
 #if defined(__AVX512F__)
     vec = head_dim % 16 == 0;
 #endif
-    /* kt[h][d][t] = k[t][h][d], zero past n (a tile's scores there are computed, not used). */
+    /* kt[h][d][t] = k[t][h][d], zero past n_k (a tile's scores there are computed, not used). */
 #pragma omp parallel for schedule(static)
     for (int64_t hd = 0; hd < num_kv_heads * head_dim; hd++) {
         const int64_t h = hd / head_dim, d = hd % head_dim;
         float *row = scratch + hd * n_pad;
         const float *src = k + h * head_dim + d;
-        for (int64_t t = 0; t < n; t++) row[t] = src[t * k_stride];
-        for (int64_t t = n; t < n_pad; t++) row[t] = 0.0f;
+        for (int64_t t = 0; t < n_k; t++) row[t] = src[t * k_stride];
+        for (int64_t t = n_k; t < n_pad; t++) row[t] = 0.0f;
     }
-    const int64_t num_blocks = (n + BQ - 1) / BQ;
+    const int64_t num_blocks = (n_q + BQ - 1) / BQ;
     const int64_t num_items = num_kv_heads * num_blocks;
     int status = 0;
 #pragma omp parallel
@@ -304,7 +308,8 @@ int prefill_attention(const float *q, int64_t q_stride, const float *k, int64_t 
             const int64_t b = num_blocks - 1 - item / num_kv_heads;
             const int64_t h = item % num_kv_heads;
             attend_block(q, q_stride, scratch + h * head_dim * n_pad, n_pad, v, v_stride,
-                         out, out_stride, n, h, b * BQ, group, head_dim, scale, vec, w);
+                         out, out_stride, n_q, n_k - n_q, h, b * BQ, group, head_dim, scale,
+                         vec, w);
         }
         free(w);
     }
