@@ -85,6 +85,13 @@ class AttentionBackend(Protocol):
         ...
 
 
+def span_kv(kv_cache: torch.Tensor, span: PrefillSpan) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill span's whole context, cached tokens and its own, gathered from its blocks:
+    keys and values ``[context_len, KVH, D]`` (a copy; the pool is not read in place)."""
+    kv = gather_blocks(kv_cache, span.block_table).flatten(1, 2)[:, :span.context_len]
+    return kv[0], kv[1]
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store this step's keys/values at their slots (the pool is flat over block * offset)."""
@@ -141,8 +148,7 @@ class TorchSDPABackend:
             o = self._sdpa(qh, kh, vh, is_causal=True, scale=scale)
             return o.squeeze(0).transpose(0, 1)
         ctx = span.context_len
-        kv = gather_blocks(kv_cache, span.block_table).flatten(1, 2)[:, :ctx]  # [2, ctx, KVH, D]
-        kc, vc = kv[0], kv[1]
+        kc, vc = span_kv(kv_cache, span)
         # Query i sits at position context_start + i and sees keys 0..context_start + i.
         q_pos = torch.arange(span.context_start, ctx, device=q.device)
         k_pos = torch.arange(ctx, device=q.device)
@@ -226,8 +232,7 @@ class CpuPagedBackend(TorchSDPABackend):
                 return self.prefill_kernel(q, k, v, scale)
             # After cached tokens (a prefix hit, a later chunk): the sequence's K/V, this
             # chunk's included (forward stored them first), gathered from its blocks.
-            kv = gather_blocks(kv_cache, span.block_table).flatten(1, 2)[:, :span.context_len]
-            return self.prefill_kernel(q, kv[0], kv[1], scale)
+            return self.prefill_kernel(q, *span_kv(kv_cache, span), scale)
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:

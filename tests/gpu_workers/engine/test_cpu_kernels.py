@@ -3,7 +3,6 @@ blocks, its build cache, and the backend choice around it."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from slaq.gpu_workers.engine.attention import (
     get_attention_backend,
 )
 from slaq.gpu_workers.engine.cpu_kernels import (
-    FLAGS,
     SOURCE,
     PagedDecodeKernel,
     compile_shared,
@@ -31,17 +29,11 @@ needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C compiler: kernel 
 
 
 @pytest.fixture(params=["native", "no-avx512"])
-def kernel(request) -> PagedDecodeKernel:
+def kernel(request, without_avx512) -> PagedDecodeKernel:
     """The kernel as built here, and as for a CPU without AVX-512 (its AVX2 value pass)."""
     if KERNEL is None:
         pytest.skip("no C compiler: kernel not built")
-    if request.param == "native":
-        return KERNEL
-    try:
-        path = compile_shared(SOURCE, (*FLAGS, "-mno-avx512f"))
-    except RuntimeError:
-        pytest.skip("the compiler takes no -mno-avx512f here")
-    return PagedDecodeKernel(ctypes.CDLL(str(path)))
+    return KERNEL if request.param == "native" else PagedDecodeKernel(without_avx512(SOURCE))
 
 
 def _reference(q, pool, tables, lens, scale):

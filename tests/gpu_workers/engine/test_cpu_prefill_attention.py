@@ -3,8 +3,6 @@ in fp64, on the strided views the model passes it, and the paged backend's use o
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
 
@@ -15,7 +13,7 @@ from slaq.gpu_workers.engine.attention import (
     TorchSDPABackend,
     get_attention_backend,
 )
-from slaq.gpu_workers.engine.cpu_kernels import FLAGS, compile_shared, load_paged_decode
+from slaq.gpu_workers.engine.cpu_kernels import load_paged_decode
 from slaq.gpu_workers.engine.cpu_kernels.prefill import (
     PREFILL_SOURCE,
     PrefillAttentionKernel,
@@ -28,25 +26,14 @@ needs_kernel = pytest.mark.skipif(KERNEL is None or DECODE is None,
                                   reason="no C compiler: kernels not built")
 
 
-def _without_avx512() -> PrefillAttentionKernel | None:
-    """The kernel built as for a CPU without AVX-512: its plain C paths (x86 compilers)."""
-    try:
-        path = compile_shared(PREFILL_SOURCE, (*FLAGS, "-mno-avx512f"))
-    except RuntimeError:
-        return None
-    return PrefillAttentionKernel(ctypes.CDLL(str(path)))
-
-
 @pytest.fixture(params=["native", "no-avx512"])
-def kernel(request) -> PrefillAttentionKernel:
+def kernel(request, without_avx512) -> PrefillAttentionKernel:
+    """The kernel as built here, and as for a CPU without AVX-512 (its plain C paths)."""
     if KERNEL is None:
         pytest.skip("no C compiler: kernel not built")
     if request.param == "native":
         return KERNEL
-    plain = _without_avx512()
-    if plain is None:
-        pytest.skip("the compiler takes no -mno-avx512f here")
-    return plain
+    return PrefillAttentionKernel(without_avx512(PREFILL_SOURCE))
 
 
 def _qkv(n: int, heads: int, kv_heads: int, head_dim: int, seed: int = 0):
